@@ -1,0 +1,52 @@
+# `make repro` and `make test` do all the set-up a fresh clone needs: create .venv, install the
+# package with the pinned versions, write the sample data if the data folder is absent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Stages run `python -m pipeline.<stage>`: put the venv first on PATH for DVC's subprocesses.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Extra pip options, e.g. PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
+PIP_OPTS ?=
+
+.PHONY: help install data repro test test-fast lint quick full clean
+
+help:
+	@echo "make repro   build .venv if needed, write sample data if data/ is absent, dvc repro"
+	@echo "make test    the same set-up, then the whole test suite (slow tests included)"
+	@echo "make quick   dvc exp run with 10 trials;  make full: the DeBERTa-v3 GPU profile"
+	@echo "make lint    ruff"
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 from constraints.txt: on a machine with the CPU wheel on disk pip takes it in
+# seconds; elsewhere PyPI's default build, which is the CUDA one on Linux (a GPU user gets CUDA).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(PIP_OPTS) \
+		-c constraints.txt -e '.[dev]'
+	touch $@
+
+data: install
+	$(BIN)/python -m pipeline.sample_data --if-missing
+
+repro: data
+	$(BIN)/dvc repro
+
+test: data
+	$(BIN)/python -m pytest
+
+test-fast: data
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check pipeline tests bench
+
+quick: data
+	$(BIN)/python -m pipeline.profiles quick
+
+full: data
+	$(BIN)/python -m pipeline.profiles full
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

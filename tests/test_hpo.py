@@ -1,0 +1,178 @@
+"""The hpo stage with a real SQLite study and a real MLflow store, on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import hpo, prepare
+from pipeline.common import StageError
+from pipeline.params import ParamsError, SearchParam, load_params
+from pipeline.tracking import tracking_uri, workspace_root
+
+
+def _hpo(params, **changes):
+    return replace(params, hpo=replace(params.hpo, **changes))
+
+
+def _study(params) -> optuna.Study:
+    name = json.loads(Path(params.paths.study_summary).read_text())["study_name"]
+    return optuna.load_study(study_name=name, storage=hpo.storage_url(params))
+
+
+def _runs(params) -> list:
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(params.hpo.mlflow_experiment)
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _rows(path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def params(workdir):
+    p = load_params()
+    prepare.run(p)
+    return p
+
+
+def test_suggest_reads_the_search_space_and_skips_conditional_entries(params):
+    space = params.hpo.search_space
+    study = optuna.create_study()
+    study.enqueue_trial({"loss_function": "weighted_ce"})
+    study.enqueue_trial({"loss_function": "focal"})
+    ce = hpo.suggest(study.ask(), space)
+    trial = study.ask()
+    focal = hpo.suggest(trial, space)
+    assert ce.loss_function == "weighted_ce" and "focal_gamma" not in ce.as_dict()
+    assert focal.loss_function == "focal" and 1.0 <= focal.focal_gamma <= 3.0
+    # fixed values are used, not searched
+    assert focal.num_train_epochs == 1 and "num_train_epochs" not in trial.params
+
+
+def test_study_name_is_a_fingerprint_of_the_objective(params):
+    name = hpo.study_name("s", hpo.study_definition(params, "abc"))
+    assert name == hpo.study_name("s", hpo.study_definition(params, "abc"))
+    assert name == hpo.study_name("s", hpo.study_definition(_hpo(params, n_trials=99,
+                                                                 storage="sqlite:///x"), "abc"))
+    space = dict(params.hpo.search_space)
+    space["num_train_epochs"] = SearchParam("num_train_epochs", "fixed", value=2)
+    changed = [
+        _hpo(params, search_space=space),
+        _hpo(params, metric="roc_auc"),
+        _hpo(params, fold_aggregation="median"),
+        _hpo(params, pruner=replace(params.hpo.pruner, name="none")),
+        _hpo(params, sampler=replace(params.hpo.sampler, name="random")),
+        replace(params, model=replace(params.model, max_length=32)),
+        replace(params, prepare=replace(params.prepare, n_folds=3)),
+        replace(params, seed=params.seed + 1),
+    ]
+    for other in changed:
+        assert hpo.study_name("s", hpo.study_definition(other, "abc")) != name
+    assert hpo.study_name("s", hpo.study_definition(params, "abd")) != name
+
+
+def test_run_writes_outputs_logs_the_run_tree_and_resumes(params):
+    metrics = hpo.run(params)
+    assert metrics["n_complete"] + metrics["n_pruned"] == 2
+    assert metrics["fold_fits_possible"] == 4 and 2 <= metrics["fold_fits_run"] <= 4
+    for key in ("best_value", "best_trial", "best_fold_mean", "best_fold_std", "n_failed"):
+        assert key in metrics
+    trials = _rows(params.paths.trials)
+    folds = _rows(params.paths.fold_metrics)
+    assert [t["number"] for t in trials] == ["0", "1"]
+    assert len(folds) == metrics["fold_fits_run"]
+    assert {"macro_f1", "pos_f1", "roc_auc", "pr_auc", "seed"} <= set(folds[0])
+    summary = json.loads(Path(params.paths.study_summary).read_text())
+    assert summary["best_trial"]["number"] == metrics["best_trial"]
+    assert "importances" in json.loads(Path(params.paths.importance).read_text())
+
+    # the Optuna side: per-fold metrics, seeds, and the MLflow run id of each trial
+    study = _study(params)
+    for t in study.trials:
+        assert t.user_attrs["fold0"]["seed"] > 0 and "mlflow_run_id" in t.user_attrs
+        assert set(t.intermediate_values) <= {0, 1} and 0 in t.intermediate_values
+
+    # the MLflow side: study > trial > fold, statuses, and trial number <-> run id both ways
+    assert Path(tracking_uri().removeprefix("sqlite:///")) == workspace_root() / "mlflow.db"
+    runs = {r.info.run_id: r for r in _runs(params)}
+    parent = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.tags["optuna.study_name"] == study.study_name
+    assert "best_value" in parent[0].data.metrics
+    for t in study.trials:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
+        fold_runs = [r for r in runs.values()
+                     if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert len(fold_runs) == len([k for k in t.user_attrs if k.startswith("fold")])
+        history = MlflowClient(tracking_uri()).get_metric_history(fold_runs[0].info.run_id,
+                                                                  "train_loss")
+        assert [m.step for m in history] == [1]  # one point per epoch
+
+    # resume with a larger budget: only the missing trial runs, the parent run is reused
+    before = {t.number: t.datetime_start for t in study.trials}
+    metrics3 = hpo.run(_hpo(params, n_trials=3))
+    study = _study(params)
+    assert len(study.trials) == 3
+    assert {t.number: t.datetime_start for t in study.trials if t.number < 2} == before
+    assert metrics3["n_complete"] + metrics3["n_pruned"] == 3
+    runs = _runs(params)
+    assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1
+    # asking for fewer trials again reports exactly the first two, as the first run did
+    assert hpo.run(params) == metrics
+    assert len(_study(params).trials) == 3
+
+
+def test_pruning_is_fed_once_per_fold(params):
+    params = _hpo(params, pruner=replace(params.hpo.pruner, n_startup_trials=1))
+    # A finished trial that scored a perfect 1.0 on fold 0: any real trial is below the median
+    # at step 0 and must be pruned there, skipping fold 1.
+    definition = hpo.study_definition(params, hpo.hashlib.sha256(
+        Path(params.paths.pairs).read_bytes()).hexdigest())
+    study = optuna.create_study(storage=hpo.storage_url(params), direction="maximize",
+                                study_name=hpo.study_name(params.hpo.study_prefix, definition))
+    study.add_trial(optuna.trial.create_trial(
+        value=1.0, intermediate_values={0: 1.0, 1: 1.0},
+        user_attrs={"hyperparameters": {}, "fold0": {"pr_auc": 1.0},
+                    "fold1": {"pr_auc": 1.0}}))
+    metrics = hpo.run(params)
+    pruned = _study(params).trials[1]
+    assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [0]
+    assert metrics["n_pruned"] == 1 and metrics["fold_fits_run"] == 3
+    assert MlflowClient(tracking_uri()).get_run(
+        pruned.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_a_failing_trial_fails_with_its_reason_and_never_prunes(params):
+    # A learning rate no validator would let through: the loss diverges inside the trial.
+    space = dict(params.hpo.search_space)
+    space["learning_rate"] = SearchParam("learning_rate", "fixed", value=1e30)
+    broken = _hpo(params, search_space=space, max_failures=0)
+    with pytest.raises(StageError, match="more than hpo.max_failures=0"):
+        hpo.run(broken)
+    definition = hpo.study_definition(broken, hpo.hashlib.sha256(
+        Path(params.paths.pairs).read_bytes()).hexdigest())
+    study = optuna.load_study(study_name=hpo.study_name("redsm5", definition),
+                              storage=hpo.storage_url(params))
+    (trial,) = study.trials
+    assert trial.state.name == "FAIL"
+    assert "non-finite loss at step" in trial.user_attrs["fail_reason"]
+    run = MlflowClient(tracking_uri()).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["fail_reason"]
+
+
+def test_an_unloadable_model_is_a_params_error(params):
+    broken = replace(params, model=replace(params.model, name="no-such-model-dir"))
+    with pytest.raises(ParamsError, match="model.name: cannot load 'no-such-model-dir'"):
+        hpo.run(broken)
