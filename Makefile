@@ -9,12 +9,13 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Extra pip options, e.g. PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_OPTS ?=
 
-.PHONY: help install data repro test test-fast lint quick full clean
+.PHONY: help install data repro test test-fast lint bench quick full clean
 
 help:
 	@echo "make repro   build .venv if needed, write sample data if data/ is absent, dvc repro"
 	@echo "make test    the same set-up, then the whole test suite (slow tests included)"
 	@echo "make quick   dvc exp run with 10 trials;  make full: the DeBERTa-v3 GPU profile"
+	@echo "make bench   training-throughput and HPO-efficiency benchmarks (bench/results/)"
 	@echo "make lint    ruff"
 
 install: $(VENV)/.installed
@@ -41,6 +42,12 @@ test-fast: data
 
 lint: install
 	$(BIN)/ruff check pipeline tests bench
+
+# Benchmarks print their tables and write bench/results/*.json (see README, "Benchmarks").
+bench: data
+	$(BIN)/dvc repro prepare
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/hpo_efficiency.py
 
 quick: data
 	$(BIN)/python -m pipeline.profiles quick

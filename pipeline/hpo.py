@@ -2,9 +2,10 @@
 
 Reads   paths.pairs (the ``train`` split and its fixed folds)
         params: seed, model.*, train.*, hpo.*
-Writes  paths.study_db      the SQLite study (persisted: a rerun resumes it, see dvc.yaml)
+Writes  paths.study_db      the study (persisted: a rerun resumes it, see dvc.yaml); with another
+                            storage (PostgreSQL, a journal file) a snapshot of it
         paths.trials        one row per trial: state, value, fold mean/std, hyperparameters
-        paths.fold_metrics  one row per fold fit: seed, epochs, macro_f1, pos_f1, roc_auc, pr_auc
+        paths.fold_metrics  one row per fold fit: seed, epochs, padding, the four metrics
         paths.study_summary study definition, counts, best trial (JSON)
         paths.importance    hyperparameter importances (evaluator named in params)
         paths.hpo_metrics   best value, its fold mean/std, trial counts, fold fits run/possible
@@ -16,15 +17,21 @@ search space, model, training settings, metric, aggregation, sampler, pruner, se
 any of them starts a new study, while raising ``hpo.n_trials`` extends the same one: the study
 must hold ``n_trials`` finished (complete or pruned) trials and only the missing ones run. The
 outputs describe the first ``n_trials`` finished trials, so they depend on params alone.
+
+``python -m pipeline.hpo --worker`` joins the study that params.yaml defines (same storage, from
+any machine) and runs trials until the study holds n_trials finished ones; it writes nothing. The
+stage does the same, then waits for trials still running elsewhere and writes the outputs.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
 import json
-import statistics
+import socket
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -37,37 +44,17 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from pipeline.common import StageError, round_floats, run_stage, write_json, write_text
-from pipeline.engine import (
-    Encoded,
-    Hyperparameters,
-    derive_seed,
-    encode_pairs,
-    fine_tune,
-    subsample_negatives,
-)
-from pipeline.model import load_tokenizer, pick_device
-from pipeline.params import HYPERPARAMETERS, METRICS, Params, SearchParam, load_params
+from pipeline.engine import ENCODE_STATS, derive_seed, encode_pairs
+from pipeline.model import load_tokenizer
+from pipeline.objective import CrossValidation, fold_indices
+from pipeline.params import HYPERPARAMETERS, METRICS, Params, load_params
+from pipeline.storage import StudyStorage, redact
 from pipeline.tracking import FAILED, FINISHED, KILLED, RunTree, tracking_uri
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-AGGREGATE = {"mean": statistics.fmean, "median": statistics.median, "min": min, "max": max}
-
-
-def suggest(trial: optuna.Trial, space: dict[str, SearchParam]) -> Hyperparameters:
-    """The one place the search space becomes Optuna calls (conditional entries via ``when``)."""
-    values: dict[str, Any] = {}
-    for name, p in space.items():
-        if any(values.get(other) != wanted for other, wanted in p.when.items()):
-            continue
-        if p.type == "fixed":
-            values[name] = p.value
-        elif p.type == "float":
-            values[name] = trial.suggest_float(name, p.low, p.high, log=p.log)
-        elif p.type == "int":
-            values[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
-        else:
-            values[name] = trial.suggest_categorical(name, list(p.choices))
-    return Hyperparameters(**values)
+FOLD_COLUMNS = ["trial", "fold", "state", "seed", "epochs_run", "best_epoch", "padding_fraction",
+                *METRICS]
+POLL_SECONDS = 2.0
 
 
 def study_definition(params: Params, pairs_digest: str) -> dict[str, Any]:
@@ -93,14 +80,16 @@ def study_name(prefix: str, definition: dict[str, Any]) -> str:
     return f"{prefix}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-def make_sampler(params: Params, n_existing: int) -> optuna.samplers.BaseSampler:
+def make_sampler(params: Params, n_existing: int, worker: bool) -> optuna.samplers.BaseSampler:
     """TPE (or random) with every setting we rely on written out (Optuna 5 changed defaults).
 
     The seed includes the number of trials already in the study, so a resumed study does not
-    replay the startup points of the first run.
+    replay the startup points of the first run; an extra worker also mixes in its host and pid.
     """
     s = params.hpo.sampler
-    seed = derive_seed(params.seed, "sampler", n_existing)
+    keys = ("sampler", n_existing, socket.gethostname(), time.time_ns()) if worker else \
+        ("sampler", n_existing)
+    seed = derive_seed(params.seed, *keys)
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # `group` is marked experimental; we choose it knowingly (focal_* exist only for focal loss).
@@ -124,109 +113,62 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
         n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps, interval_steps=1)
 
 
-def fold_indices(pairs: pd.DataFrame, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train rows, validation rows) of each fold, as positions in the train-split table."""
-    folds = pairs["fold"].to_numpy()
-    return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(n_folds)]
-
-
-class CrossValidation:
-    """The objective: k-fold CV of a fine-tune on fixed folds, data tokenised once."""
-
-    def __init__(self, params: Params, enc: Encoded, folds: list[tuple[np.ndarray, np.ndarray]],
-                 runs: RunTree, parent_run: str) -> None:
-        self.params = params
-        self.enc = enc
-        self.runs = runs
-        self.parent_run = parent_run
-        self.device = pick_device(params.train.device, params.train.cpu_threads)
-        # Negatives are subsampled once per fold, identically for every trial.
-        self.folds = [
-            (subsample_negatives(enc.labels, train, params.train.negatives_per_positive,
-                                 derive_seed(params.seed, "negatives", k)), val)
-            for k, (train, val) in enumerate(folds)
-        ]
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        hpo = self.params.hpo
-        hp = suggest(trial, hpo.search_space)
-        trial.set_user_attr("hyperparameters", hp.as_dict())
-        run_id = self.runs.child(self.parent_run, f"trial-{trial.number}",
-                                 {"optuna.study_name": trial.study.study_name,
-                                  "optuna.trial_number": trial.number})
-        trial.set_user_attr("mlflow_run_id", run_id)
-        self.runs.log(run_id, params=hp.as_dict())
-        status, scores = FAILED, []
-        try:
-            for fold, (train_idx, val_idx) in enumerate(
-                    tqdm(self.folds, desc=f"trial {trial.number} folds", leave=False)):
-                seed = derive_seed(self.params.seed, "trial", trial.number, "fold", fold)
-                result = self._fit_fold(trial, run_id, fold, seed, hp, train_idx, val_idx)
-                trial.set_user_attr(f"fold{fold}", {
-                    **result.metrics, "seed": seed, "epochs_run": result.epochs_run,
-                    "best_epoch": result.best_epoch, "train_samples": result.train_samples,
-                    "train_seconds": round(result.train_seconds, 3),
-                })
-                scores.append(result.metrics[hpo.metric])
-                if not np.isfinite(scores[-1]):
-                    raise FloatingPointError(f"fold {fold}: {hpo.metric} is not finite")
-                running = AGGREGATE[hpo.fold_aggregation](scores)
-                self.runs.log(run_id, {f"fold{fold}_{k}": v for k, v in result.metrics.items()})
-                trial.report(running, step=fold)
-                if fold + 1 < len(self.folds) and trial.should_prune():
-                    status = KILLED
-                    raise optuna.TrialPruned(
-                        f"{hpo.fold_aggregation} {hpo.metric} {running:.4f} after fold {fold}")
-            value = AGGREGATE[hpo.fold_aggregation](scores)
-            self.runs.log(run_id, {"value": value})
-            status = FINISHED
-            return value
-        except optuna.TrialPruned:
-            raise
-        except Exception as err:  # the trial FAILs (never PRUNED) and says why; the study goes on
-            reason = f"{type(err).__name__}: {err}"[:1000]
-            trial.set_user_attr("fail_reason", reason)
-            self.runs.log(run_id, tags={"fail_reason": reason})
-            raise
-        finally:
-            self.runs.log(run_id, tags={"optuna.folds_run": len(scores)})
-            self.runs.end(run_id, status)
-
-    def _fit_fold(self, trial, run_id, fold, seed, hp, train_idx, val_idx):
-        fold_run = self.runs.child(run_id, f"trial-{trial.number}-fold-{fold}",
-                                   {"optuna.trial_number": trial.number, "fold": fold,
-                                    "seed": seed})
-        try:
-            result = fine_tune(
-                self.params.model, self.params.train, hp, self.enc, train_idx, seed, self.device,
-                val_idx=val_idx, monitor=self.params.hpo.metric,
-                on_epoch=lambda epoch, record: self.runs.log(fold_run, record, step=epoch),
-                desc=f"trial {trial.number} fold {fold}",
-            )
-        except BaseException:
-            self.runs.end(fold_run, FAILED)
-            raise
-        self.runs.log(fold_run, {**result.metrics, "epochs_run": result.epochs_run,
-                                 "best_epoch": result.best_epoch})
-        self.runs.end(fold_run, FINISHED)
-        return result
-
-
 class _Progress:
-    """A trials progress bar and a failure budget, as an Optuna callback."""
+    """A trials progress bar and the failure budget of this process, as an Optuna callback."""
 
-    def __init__(self, n_trials: int, done: int, max_failures: int) -> None:
-        self.bar = tqdm(total=n_trials, initial=done, desc="trials")
-        self.failures = 0
-        self.max_failures = max_failures
+    def __init__(self, n_trials: int, done: int) -> None:
+        self.bar = tqdm(total=n_trials, initial=min(done, n_trials), desc="trials")
+        self.failures: list[str] = []
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state in FINISHED_STATES:
             self.bar.update(1)
-        elif trial.state == TrialState.FAIL:
-            self.failures += 1
-            if self.failures > self.max_failures:
-                study.stop()
+        elif trial.state == TrialState.FAIL and not trial.user_attrs.get("surplus"):
+            self.failures.append(f"trial {trial.number}: {trial.user_attrs.get('fail_reason')}")
+
+
+def _counts(study: optuna.Study) -> dict[TrialState, int]:
+    counts = dict.fromkeys(TrialState, 0)
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return counts
+
+
+def run_trials(study: optuna.Study, objective: CrossValidation, storage: StudyStorage,
+               params: Params) -> _Progress:
+    """Run trials in this process until the study holds hpo.n_trials finished trials.
+
+    Several processes may do this at once on one storage: each starts a trial only while the
+    finished, running and queued trials leave room, and a trial that still finds the study full
+    when it starts gives its place up (it ends FAIL, flagged surplus, without any work).
+    """
+    n, max_failures = params.hpo.n_trials, params.hpo.max_failures
+    progress = _Progress(n, _counts(study)[TrialState.COMPLETE] + _counts(study)[
+        TrialState.PRUNED])
+    while len(progress.failures) <= max_failures:
+        storage.fail_dead_trials(study)
+        c = _counts(study)
+        finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
+        if finished >= n:
+            break
+        if finished + c[TrialState.RUNNING] >= n and not c[TrialState.WAITING]:
+            time.sleep(POLL_SECONDS)  # the last trials are running elsewhere
+            continue
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress],
+                       gc_after_trial=True)
+    progress.bar.close()
+    if len(progress.failures) > max_failures:
+        raise StageError(
+            f"hpo: {len(progress.failures)} trials failed in this run, more than "
+            f"hpo.max_failures={max_failures}; last: {progress.failures[-1]}")
+    return progress
+
+
+def wait_for_running(study: optuna.Study, storage: StudyStorage) -> None:
+    """Until no trial is RUNNING (other workers finishing, or dead ones going stale)."""
+    while _counts(study)[TrialState.RUNNING]:
+        storage.fail_dead_trials(study)
+        time.sleep(POLL_SECONDS)
 
 
 def considered_trials(study: optuna.Study, n_trials: int) -> list[FrozenTrial]:
@@ -236,6 +178,8 @@ def considered_trials(study: optuna.Study, n_trials: int) -> list[FrozenTrial]:
     for t in trials:
         if finished >= n_trials:
             break
+        if t.user_attrs.get("surplus"):
+            continue
         if t.state in FINISHED_STATES or t.state == TrialState.FAIL:
             kept.append(t)
             finished += t.state in FINISHED_STATES
@@ -249,27 +193,32 @@ def _fold_rows(trials: list[FrozenTrial], n_folds: int) -> list[dict[str, Any]]:
             f = t.user_attrs.get(f"fold{fold}")
             if f is not None:
                 rows.append({"trial": t.number, "fold": fold, "state": t.state.name,
-                             **{k: f.get(k) for k in ("seed", "epochs_run", "best_epoch",
-                                                      *METRICS)}})
+                             **{k: f.get(k) for k in FOLD_COLUMNS[3:]}})
     return rows
 
 
 def _trial_rows(trials: list[FrozenTrial], metric: str, n_folds: int) -> list[dict[str, Any]]:
+    """One row per trial; no run ids, workers or durations, so that the file is the same on
+    every rerun (they are in the study and in MLflow)."""
+    retried_as = {t.system_attrs["failed_trial"]: t.number for t in trials
+                  if "failed_trial" in t.system_attrs}
     rows = []
     for t in trials:
+        reason = t.user_attrs.get("fail_reason")
+        if t.state == TrialState.FAIL and not reason and t.number in retried_as:
+            reason = "worker died (stale heartbeat)"
+        if t.number in retried_as:
+            reason = f"{reason}; retried as trial {retried_as[t.number]}"
         folds = [t.user_attrs[f"fold{k}"][metric] for k in range(n_folds)
-                 if f"fold{k}" in t.user_attrs]
-        hps = t.user_attrs.get("hyperparameters", {})
-        duration = t.duration.total_seconds() if t.duration else None
+                 if t.user_attrs.get(f"fold{k}") is not None]
+        hps = t.user_attrs.get("hyperparameters") or {}
         rows.append({
             "number": t.number, "state": t.state.name, "value": t.value,
             "fold_mean": float(np.mean(folds)) if folds else None,
             "fold_std": float(np.std(folds, ddof=1)) if len(folds) > 1 else None,
             "folds_run": len(folds),
             **{f"params_{name}": hps.get(name) for name in HYPERPARAMETERS},
-            "fail_reason": t.user_attrs.get("fail_reason"),
-            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
-            "duration_seconds": round(duration, 1) if duration is not None else None,
+                "fail_reason": reason,
         })
     return rows
 
@@ -307,69 +256,100 @@ def importances(trials: list[FrozenTrial], params: Params) -> dict[str, Any]:
     return result
 
 
-def _redact(url: str) -> str:
-    """A storage URL without its password, for files that go into git and MLflow."""
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    return url
-
-
-def storage_url(params: Params) -> str:
-    """hpo.storage, or the SQLite file paths.study_db (its folder created) as an absolute URL."""
-    if params.hpo.storage:
-        return params.hpo.storage
-    path = Path(params.paths.study_db).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
-def run(params: Params) -> dict[str, Any]:
-    """Run or resume the study until it holds hpo.n_trials finished trials; write the outputs."""
-    paths, hpo = params.paths, params.hpo
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pairs_bytes = Path(paths.pairs).read_bytes()
+def _tokenised(params: Params) -> tuple[pd.DataFrame, bytes]:
+    pairs_bytes = Path(params.paths.pairs).read_bytes()
     pairs = pd.read_csv(io.BytesIO(pairs_bytes), keep_default_na=False)
-    pairs = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    return pairs[pairs["split"] == "train"].reset_index(drop=True), pairs_bytes
+
+
+def _close_dead_trial_runs(runs: RunTree, trial: FrozenTrial) -> None:
+    """A dead worker's trial: its MLflow trial run FAILED, any fold run left open KILLED."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        reason = trial.user_attrs.get("fail_reason") or "worker died (no heartbeat)"
+        runs.close_open_children(run_id, KILLED)
+        runs.log(run_id, tags={"fail_reason": reason})
+        runs.end(run_id, FAILED)
+
+
+def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> dict[str, Any]:
+    """Run or resume the study until it holds hpo.n_trials finished trials.
+
+    The stage (worker=False) creates the study if needed and writes the outputs; a worker joins
+    an existing study (waiting up to ``wait_seconds`` for the stage to create it) and returns
+    its own counts.
+    """
+    hpo = params.hpo
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pairs, pairs_bytes = _tokenised(params)
     definition = study_definition(params, hashlib.sha256(pairs_bytes).hexdigest())
     name = study_name(hpo.study_prefix, definition)
-    storage = storage_url(params)
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                pruner=make_pruner(params), load_if_exists=True)
-    study.set_user_attr("definition", definition)
-    study.sampler = make_sampler(params, len(study.trials))
-
-    runs = RunTree(hpo.mlflow_experiment)
-    parent = runs.study_run(study.user_attrs.get("mlflow_run_id"), name,
-                            {"optuna.study_name": name, "optuna.storage": _redact(storage)})
-    study.set_user_attr("mlflow_run_id", parent)
-    finished = sum(t.state in FINISHED_STATES for t in study.trials)
-    resumed = finished
+    runs: RunTree | None = None  # bound below; the storage calls back only during trials
+    storage = StudyStorage(params, on_dead_trial=lambda t: _close_dead_trial_runs(runs, t))
+    if worker:
+        # Wait for the stage first: it also creates the MLflow store (two processes creating
+        # the same SQLite store at once collide).
+        study, parent = _join(name, storage, params, wait_seconds)
+        runs = RunTree(hpo.mlflow_experiment)
+    else:
+        runs = RunTree(hpo.mlflow_experiment)
+        study = optuna.create_study(storage=storage.optuna, study_name=name,
+                                    direction="maximize", pruner=make_pruner(params),
+                                    load_if_exists=True)
+        study.set_user_attr("definition", definition)
+        parent = runs.study_run(study.user_attrs.get("mlflow_run_id"), name,
+                                {"optuna.study_name": name, "optuna.storage": storage.redacted})
+        study.set_user_attr("mlflow_run_id", parent)
+    study.sampler = make_sampler(params, len(study.trials), worker)
+    c = _counts(study)
+    resumed = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
     parent_status = FAILED
     try:
-        if finished < hpo.n_trials:
+        storage.fail_dead_trials(study)
+        if resumed < hpo.n_trials:
             tokenizer = load_tokenizer(params.model.name)
+            start = time.perf_counter()
             enc = encode_pairs(tokenizer, pairs["criterion"], pairs["sentence"],
                                pairs["label"], params.model.max_length)
-            objective = CrossValidation(params, enc, fold_indices(pairs, params.prepare.n_folds),
-                                        runs, parent)
-            progress = _Progress(hpo.n_trials, finished, hpo.max_failures)
-            while finished < hpo.n_trials and progress.failures <= hpo.max_failures:
-                study.optimize(objective, n_trials=hpo.n_trials - finished, catch=(Exception,),
-                               callbacks=[progress], gc_after_trial=True)
-                finished = sum(t.state in FINISHED_STATES for t in study.trials)
-            progress.bar.close()
-            if progress.failures > hpo.max_failures:
-                reasons = [t.user_attrs.get("fail_reason", "?") for t in study.trials
-                           if t.state == TrialState.FAIL][-3:]
-                raise StageError(f"hpo: {progress.failures} trials failed in this run, more than "
-                                 f"hpo.max_failures={hpo.max_failures}; last reasons: {reasons}")
-        metrics = write_outputs(study, params, resumed, storage, runs, parent)
+            runs.log(parent, {"tokenize_seconds": time.perf_counter() - start,
+                              "tokenized_pairs": len(enc)})
+            folds = fold_indices(pairs["fold"].to_numpy(), params.prepare.n_folds)
+            objective = CrossValidation(params, enc, folds, runs, parent)
+            run_trials(study, objective, storage, params)
+        if worker:
+            c = _counts(study)
+            return {"study_name": name, "finished": c[TrialState.COMPLETE] + c[
+                TrialState.PRUNED], "tokenize_calls": ENCODE_STATS["calls"]}
+        wait_for_running(study, storage)
+        if storage.snapshot_needed():
+            storage.snapshot(study, params.paths.study_db)
+        metrics = write_outputs(study, params, resumed, storage.redacted, runs, parent)
         parent_status = FINISHED
         return metrics
     finally:
-        runs.end(parent, parent_status)
+        if not worker:
+            runs.end(parent, parent_status)
+
+
+def _join(name: str, storage: StudyStorage, params: Params,
+          wait_seconds: float) -> tuple[optuna.Study, str]:
+    """A worker's study and MLflow parent run, once the stage has created them."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage.optuna,
+                                      pruner=make_pruner(params))
+            parent = study.user_attrs.get("mlflow_run_id")
+            if parent:
+                return study, parent
+        except KeyError:  # no such study yet
+            pass
+        if time.monotonic() > deadline:
+            raise StageError(
+                f"hpo --worker: no study '{name}' in {storage.redacted} after {wait_seconds:.0f}"
+                "s. Start the stage (dvc repro) with the same params.yaml and prepared data, "
+                "and point HPO_STORAGE at the same database.")
+        time.sleep(POLL_SECONDS)
 
 
 def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: str,
@@ -398,12 +378,16 @@ def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: st
         "fold_fits_run": sum(r["folds_run"] for r in trial_rows
                              if r["state"] in ("COMPLETE", "PRUNED")),
         "fold_fits_possible": finished * n_folds,
-        "epochs_run": sum(r["epochs_run"] or 0 for r in fold_rows),
+        # early stopping and pruning save epochs: run vs what the finished trials asked for
+        "epochs_run": sum(r["epochs_run"] or 0 for r in fold_rows
+                          if r["state"] in ("COMPLETE", "PRUNED")),
+        "epochs_possible": sum(n_folds * t.user_attrs["hyperparameters"]["num_train_epochs"]
+                               for t in trials if t.state in FINISHED_STATES),
     })
     importance = round_floats(importances(trials, params))
     summary = {
         "study_name": study.study_name,
-        "storage": _redact(storage),
+        "storage": storage,
         "direction": "maximize",
         "objective": f"{hpo.fold_aggregation} over {n_folds} folds of {hpo.metric}",
         "n_trials": hpo.n_trials,
@@ -413,12 +397,11 @@ def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: st
         "best_trial": {"number": best.number, "value": round_floats(best.value),
                        "hyperparameters": best.user_attrs["hyperparameters"],
                        "fold_mean": best_row["fold_mean"], "fold_std": best_row["fold_std"]},
-        "mlflow": {"tracking_uri": _redact(tracking_uri()), "study_run_id": parent},
+        "mlflow": {"tracking_uri": redact(tracking_uri()), "study_run_id": parent},
         "definition": study.user_attrs["definition"],
     }
     write_text(paths.trials, _csv(trial_rows, list(trial_rows[0])))
-    fold_columns = ["trial", "fold", "state", "seed", "epochs_run", "best_epoch", *METRICS]
-    write_text(paths.fold_metrics, _csv(fold_rows, fold_columns))
+    write_text(paths.fold_metrics, _csv(fold_rows, FOLD_COLUMNS))
     write_json(paths.study_summary, summary)
     write_json(paths.importance, importance)
     write_json(paths.hpo_metrics, metrics)
@@ -431,7 +414,19 @@ def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: st
 
 
 def main() -> None:
-    metrics = run(load_params())
+    parser = argparse.ArgumentParser(description="The hpo stage, or a worker joining its study.")
+    parser.add_argument("--worker", action="store_true",
+                        help="join the study params.yaml defines, run trials, write nothing")
+    parser.add_argument("--wait", type=float, default=600.0,
+                        help="seconds a worker waits for the stage to create the study")
+    args = parser.parse_args()
+    params = load_params()
+    if args.worker:
+        result = run(params, worker=True, wait_seconds=args.wait)
+        print(f"hpo worker: study {result['study_name']} holds {result['finished']} finished "
+              "trials")
+        return
+    metrics = run(params)
     print(f"hpo: best trial {metrics['best_trial']} value {metrics['best_value']:.4f}; "
           f"{metrics['n_complete']} complete, {metrics['n_pruned']} pruned, "
           f"{metrics['n_failed']} failed; fold fits {metrics['fold_fits_run']}/"

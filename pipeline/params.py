@@ -102,6 +102,7 @@ class TrainParams:
     early_stopping_patience: int
     cpu_threads: int
     device: Literal["auto", "cpu", "cuda"]
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.negatives_per_positive >= 0, "train.negatives_per_positive", "must be >= 0")
@@ -188,6 +189,10 @@ class HpoParams:
     storage: str | None
     study_prefix: str
     max_failures: int
+    max_retries: int
+    heartbeat_interval: int
+    grace_period: int
+    isolate_trials: bool
     importance_evaluator: Literal["fanova", "ped_anova", "mean_decrease_impurity"]
     mlflow_experiment: str
     sampler: SamplerParams
@@ -197,6 +202,14 @@ class HpoParams:
     def __post_init__(self) -> None:
         _check(self.n_trials >= 1, "hpo.n_trials", "must be >= 1")
         _check(self.max_failures >= 0, "hpo.max_failures", "must be >= 0")
+        _check(self.max_retries >= 0, "hpo.max_retries", "must be >= 0")
+        _check(self.heartbeat_interval >= 1, "hpo.heartbeat_interval", "must be >= 1 (seconds)")
+        _check(self.grace_period > self.heartbeat_interval, "hpo.grace_period",
+               "must be longer than hpo.heartbeat_interval")
+        if self.storage is not None:
+            _check(self.storage.startswith("journal:") or "://" in self.storage, "hpo.storage",
+                   f"got {self.storage!r}; expected null, a database URL (sqlite:///path, "
+                   "postgresql://user@host/db) or journal:<path>")
         _check(bool(self.study_prefix.strip()), "hpo.study_prefix", "must not be empty")
 
 

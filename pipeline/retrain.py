@@ -50,7 +50,8 @@ def run(params: Params) -> dict[str, Any]:
                                     params.train.negatives_per_positive,
                                     derive_seed(params.seed, "negatives", "retrain"))
     device = pick_device(params.train.device, params.train.cpu_threads)
-    result = fine_tune(params.model, params.train, hp, enc, train_idx, seed, device,
+    # compact vocabulary while training; the saved model has the full embedding matrix again
+    result = fine_tune(params.model, params.train, hp, enc.compact(), train_idx, seed, device,
                        keep_model=True, desc="retrain")
     info = {"hyperparameters": hp.as_dict(), "seed": seed, "train_pairs": len(train_idx),
             "epochs": result.epochs_run, "final_train_loss": result.history[-1]["train_loss"],

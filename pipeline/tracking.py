@@ -98,6 +98,14 @@ class RunTree:
     def artifact(self, run_id: str, path: str | Path) -> None:
         self.client.log_artifact(run_id, str(path))
 
+    def close_open_children(self, run_id: str, status: str) -> None:
+        """End the child runs of ``run_id`` that are still RUNNING (their process died)."""
+        for run in self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{run_id}' "
+                              "and attributes.status = 'RUNNING'"):
+            self.end(run.info.run_id, status)
+
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 

@@ -141,3 +141,22 @@ def repo_copy(tmp_path, tiny_params) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "tiny"], dest)
     return dest
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A fresh database on the PostgreSQL server named by PIPELINE_TEST_POSTGRES (.ci/run starts
+    a throwaway one); the tests marked `postgres` are skipped without it."""
+    base = os.environ.get("PIPELINE_TEST_POSTGRES")
+    if not base:
+        pytest.skip("no PostgreSQL server: set PIPELINE_TEST_POSTGRES (see .ci/postgres.sh)")
+    import uuid
+
+    import sqlalchemy
+
+    name = f"hpo_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return base.rsplit("/", 1)[0] + f"/{name}"

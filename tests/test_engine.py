@@ -17,6 +17,7 @@ from pipeline.engine import (
     length_grouped_batches,
     make_loss,
     padding_fraction,
+    predict,
     subsample_negatives,
 )
 from pipeline.model import load_tokenizer, pick_device
@@ -136,3 +137,20 @@ def test_non_finite_loss_is_detected(tiny):
     hp = dataclasses.replace(HP, learning_rate=1e30, per_device_train_batch_size=8)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+"):
         fine_tune(model_params, TRAIN, hp, enc, np.arange(64), seed=5, device=pick_device("cpu"))
+
+
+def test_compact_vocabulary_trains_the_same_model(tiny):
+    model_params, enc = tiny
+    compact = enc.compact()
+    assert len(compact.vocab) < 50 and compact.pad_id == 0
+    assert [compact.vocab[ids].tolist() for ids in compact.input_ids] == \
+           [ids.tolist() for ids in enc.input_ids]
+    hp = dataclasses.replace(HP, num_train_epochs=2, weight_decay=0.0)
+    device = pick_device("cpu")
+    probs = []
+    for table in (enc, compact):
+        r = fine_tune(model_params, TRAIN, hp, table, np.arange(64), seed=5, device=device,
+                      keep_model=True)
+        assert r.model.get_input_embeddings().num_embeddings == 30522  # expanded back
+        probs.append(predict(r.model, enc, np.arange(64, 96), 16, device))
+    assert np.allclose(probs[0], probs[1], atol=1e-5)

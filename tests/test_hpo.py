@@ -11,9 +11,10 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import hpo, prepare
+from pipeline import hpo, objective, prepare
 from pipeline.common import StageError
 from pipeline.params import ParamsError, SearchParam, load_params
+from pipeline.storage import storage_url
 from pipeline.tracking import tracking_uri, workspace_root
 
 
@@ -23,7 +24,7 @@ def _hpo(params, **changes):
 
 def _study(params) -> optuna.Study:
     name = json.loads(Path(params.paths.study_summary).read_text())["study_name"]
-    return optuna.load_study(study_name=name, storage=hpo.storage_url(params))
+    return optuna.load_study(study_name=name, storage=storage_url(params))
 
 
 def _runs(params) -> list:
@@ -49,9 +50,9 @@ def test_suggest_reads_the_search_space_and_skips_conditional_entries(params):
     study = optuna.create_study()
     study.enqueue_trial({"loss_function": "weighted_ce"})
     study.enqueue_trial({"loss_function": "focal"})
-    ce = hpo.suggest(study.ask(), space)
+    ce = objective.suggest(study.ask(), space)
     trial = study.ask()
-    focal = hpo.suggest(trial, space)
+    focal = objective.suggest(trial, space)
     assert ce.loss_function == "weighted_ce" and "focal_gamma" not in ce.as_dict()
     assert focal.loss_function == "focal" and 1.0 <= focal.focal_gamma <= 3.0
     # fixed values are used, not searched
@@ -140,11 +141,11 @@ def test_pruning_is_fed_once_per_fold(params):
     # at step 0 and must be pruned there, skipping fold 1.
     definition = hpo.study_definition(params, hpo.hashlib.sha256(
         Path(params.paths.pairs).read_bytes()).hexdigest())
-    study = optuna.create_study(storage=hpo.storage_url(params), direction="maximize",
+    study = optuna.create_study(storage=storage_url(params), direction="maximize",
                                 study_name=hpo.study_name(params.hpo.study_prefix, definition))
     study.add_trial(optuna.trial.create_trial(
         value=1.0, intermediate_values={0: 1.0, 1: 1.0},
-        user_attrs={"hyperparameters": {}, "fold0": {"pr_auc": 1.0},
+        user_attrs={"hyperparameters": {"num_train_epochs": 1}, "fold0": {"pr_auc": 1.0},
                     "fold1": {"pr_auc": 1.0}}))
     metrics = hpo.run(params)
     pruned = _study(params).trials[1]
@@ -164,7 +165,7 @@ def test_a_failing_trial_fails_with_its_reason_and_never_prunes(params):
     definition = hpo.study_definition(broken, hpo.hashlib.sha256(
         Path(params.paths.pairs).read_bytes()).hexdigest())
     study = optuna.load_study(study_name=hpo.study_name("redsm5", definition),
-                              storage=hpo.storage_url(params))
+                              storage=storage_url(params))
     (trial,) = study.trials
     assert trial.state.name == "FAIL"
     assert "non-finite loss at step" in trial.user_attrs["fail_reason"]

