@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -210,6 +211,10 @@ class HpoParams:
             _check(self.storage.startswith("journal:") or "://" in self.storage, "hpo.storage",
                    f"got {self.storage!r}; expected null, a database URL (sqlite:///path, "
                    "postgresql://user@host/db) or journal:<path>")
+            # params.yaml is committed: a password there would be published
+            _check(self.storage.startswith("journal:") or not urlsplit(self.storage).password,
+                   "hpo.storage", "the URL contains a password; set the environment variable "
+                   "HPO_STORAGE instead (it overrides hpo.storage)")
         _check(bool(self.study_prefix.strip()), "hpo.study_prefix", "must not be empty")
 
 

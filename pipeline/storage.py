@@ -5,8 +5,8 @@
 * ``journal:<path>``: an Optuna journal file, for several worker processes on one machine.
 
 ``HPO_STORAGE`` in the environment overrides ``hpo.storage``; it is where a URL with a password
-belongs (params.yaml is committed, so one there is refused). With any storage other than the
-default file, the stage writes a snapshot of the study to ``paths.study_db`` for DVC.
+belongs (params.yaml is committed, so the params loader refuses one there). With any storage other
+than the default file, the stage writes a snapshot of the study to ``paths.study_db`` for DVC.
 
 A worker that dies leaves its trial RUNNING. Database storages record a heartbeat per running
 trial; once it is older than ``hpo.grace_period`` the trial is failed and retried (Optuna's
@@ -28,7 +28,7 @@ from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCal
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.params import Params, ParamsError
+from pipeline.params import Params
 
 ENV = "HPO_STORAGE"
 # Heartbeats and the stale-trial retry are marked experimental in Optuna; we rely on them
@@ -46,13 +46,6 @@ def storage_url(params: Params) -> str:
     path = Path(params.paths.study_db).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
-
-
-def check_params_url(url: str | None) -> None:
-    """A password in params.yaml would be committed: refuse it."""
-    if url and not url.startswith(JOURNAL) and urlsplit(url).password:
-        raise ParamsError(f"params.yaml: hpo.storage: the URL contains a password; set the "
-                          f"environment variable {ENV} instead (it overrides hpo.storage)")
 
 
 def redact(url: str) -> str:
@@ -82,7 +75,6 @@ class StudyStorage:
     """The Optuna storage of the study, and what happens to the trials of dead workers."""
 
     def __init__(self, params: Params, on_dead_trial: Callable[[FrozenTrial], None]) -> None:
-        check_params_url(params.hpo.storage)
         self.url = storage_url(params)
         self.params = params
         self.on_dead_trial = on_dead_trial

@@ -83,7 +83,7 @@ def test_journal_storage_and_its_snapshot(params, workdir):
 def test_storage_from_the_environment_and_no_password_in_params(params, monkeypatch, workdir):
     with pytest.raises(ParamsError, match=f"contains a password; set the environment variable "
                                           f"{ENV}"):
-        StudyStorage(_hpo(params, storage="postgresql://hpo:s3cret@db.example/hpo"), print)
+        _hpo(params, storage="postgresql://hpo:s3cret@db.example/hpo")
     monkeypatch.setenv(ENV, f"sqlite:///{workdir / 'elsewhere.db'}")
     storage = StudyStorage(params, print)
     assert storage.url.endswith("elsewhere.db") and storage.snapshot_needed()
