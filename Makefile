@@ -9,13 +9,14 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Extra pip options, e.g. PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_OPTS ?=
 
-.PHONY: help install data repro test test-fast lint bench quick full clean
+.PHONY: help install data repro test test-fast lint bench report quick full clean
 
 help:
 	@echo "make repro   build .venv if needed, write sample data if data/ is absent, dvc repro"
 	@echo "make test    the same set-up, then the whole test suite (slow tests included)"
 	@echo "make quick   dvc exp run with 10 trials;  make full: the DeBERTa-v3 GPU profile"
 	@echo "make bench   training-throughput and HPO-efficiency benchmarks (bench/results/)"
+	@echo "make report  Markdown report for a pull request: this workspace vs BASE (main)"
 	@echo "make lint    ruff"
 
 install: $(VENV)/.installed
@@ -48,6 +49,10 @@ bench: data
 	$(BIN)/dvc repro prepare
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/hpo_efficiency.py
+
+BASE ?= main
+report: install
+	$(BIN)/python -m pipeline.report --rev $(BASE) --out report.md
 
 quick: data
 	$(BIN)/python -m pipeline.profiles quick

@@ -264,7 +264,9 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     train_samples: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0
     padding_fraction: float = 0.0
+    val_probs: np.ndarray | None = None  # validation probabilities of the scored epoch
     model: Any = None
 
 
@@ -367,7 +369,9 @@ def fine_tune(
             # CPU, scoring every validation pair costs about half an epoch of training.
             patience = train_params.early_stopping_patience
             if val_idx is not None and (patience or epoch == hp.num_train_epochs):
+                start = time.perf_counter()
                 probs = predict(model, enc, val_idx, train_params.eval_batch_size, device)
+                result.eval_seconds += time.perf_counter() - start
                 scores = classification_metrics(enc.labels[val_idx], probs)
                 record.update({f"val_{k}": v for k, v in scores.items()})
                 improved = scores[monitor] > best_score
@@ -377,7 +381,7 @@ def fine_tune(
                     since_best += 1
                 # With early stopping a fold scores its best epoch, without it its last one.
                 if improved or not patience:
-                    result.metrics = scores
+                    result.metrics, result.val_probs = scores, probs
             result.history.append(record)
             if on_epoch is not None:
                 on_epoch(epoch, record)

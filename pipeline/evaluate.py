@@ -1,7 +1,11 @@
 """Stage ``evaluate``: score the held-out test split with the retrained model.
 
-Reads   paths.model_dir, paths.pairs (the ``test`` split)   (params: model.max_length, train.*)
-Writes  paths.eval_metrics   macro_f1, pos_f1, roc_auc, pr_auc and pos_f1 per criterion
+Reads   paths.model_dir, paths.pairs (both splits: the baseline trains on ``train``)
+        params: model.max_length, train.*, and ``threshold`` from paths.best_params
+Writes  paths.eval_metrics   macro_f1, pos_f1, roc_auc, pr_auc and pos_f1 per criterion at the
+                             default threshold 0.5, the same at the threshold tuned on the chosen
+                             trial's out-of-fold predictions (``tuned_*``), and the TF-IDF +
+                             logistic regression baseline (``baseline_*``)
         paths.pr_curve, paths.roc_curve, paths.confusion   DVC plots (declared in dvc.yaml)
         paths.predictions   the probability of every test pair
 """
@@ -9,18 +13,21 @@ Writes  paths.eval_metrics   macro_f1, pos_f1, roc_auc, pr_auc and pos_f1 per cr
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 from sklearn.metrics import f1_score, precision_recall_curve, roc_curve
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from pipeline.baseline import tfidf_baseline
 from pipeline.common import round_floats, run_stage, write_json, write_text
 from pipeline.engine import encode_pairs, predict
 from pipeline.metrics import THRESHOLD, classification_metrics
 from pipeline.model import pick_device
-from pipeline.params import Params, load_params
+from pipeline.params import Params, YamlLoader, load_params
 
 MAX_CURVE_POINTS = 200  # plots stay small enough to commit and diff
 
@@ -38,10 +45,26 @@ def _to_csv(frame: pd.DataFrame, digits: int = 4) -> str:
     return buf.getvalue()
 
 
+def scores(test: pd.DataFrame, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """The four metrics at ``threshold`` and pos_f1 per criterion (pos_f1_A1 ... pos_f1_A9)."""
+    labels = test["label"].to_numpy()
+    out = classification_metrics(labels, probs, threshold)
+    preds = probs >= threshold
+    for cid in sorted(test["criterion_id"].unique()):
+        rows = (test["criterion_id"] == cid).to_numpy()
+        out[f"pos_f1_{cid.replace('.', '')}"] = float(
+            f1_score(labels[rows], preds[rows], zero_division=0))
+    return out
+
+
 def run(params: Params) -> dict[str, Any]:
     paths = params.paths
     pairs = pd.read_csv(paths.pairs, keep_default_na=False)
+    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
     test = pairs[pairs["split"] == "test"].reset_index(drop=True)
+    best = yaml.load(Path(paths.best_params).read_text(encoding="utf-8"), Loader=YamlLoader)
+    tuned = float(best.get("threshold", THRESHOLD))
+
     tokenizer = AutoTokenizer.from_pretrained(paths.model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(paths.model_dir)
     device = pick_device(params.train.device, params.train.cpu_threads)
@@ -50,15 +73,17 @@ def run(params: Params) -> dict[str, Any]:
                        params.model.max_length)
     probs = predict(model, enc, test.index.to_numpy(), params.train.eval_batch_size, device)
     labels = test["label"].to_numpy()
-    preds = (probs >= THRESHOLD).astype(int)
 
-    metrics: dict[str, Any] = classification_metrics(labels, probs)
+    metrics: dict[str, Any] = scores(test, probs, THRESHOLD)
     metrics.update({"test_pairs": len(test), "test_positives": int(labels.sum()),
-                    "threshold": THRESHOLD})
-    for cid in sorted(test["criterion_id"].unique()):
-        rows = (test["criterion_id"] == cid).to_numpy()
-        metrics[f"pos_f1_{cid.replace('.', '')}"] = float(
-            f1_score(labels[rows], preds[rows], zero_division=0))
+                    "threshold": THRESHOLD, "tuned_threshold": tuned})
+    at_tuned = scores(test, probs, tuned)
+    metrics.update({f"tuned_{k}": v for k, v in at_tuned.items()
+                    if k not in ("roc_auc", "pr_auc")})  # threshold-free: same as above
+    base_probs, base_threshold = tfidf_baseline(train, test)
+    base = classification_metrics(labels, base_probs, base_threshold)
+    metrics.update({f"baseline_{k}": v for k, v in base.items()})
+    metrics["baseline_threshold"] = base_threshold
     write_json(paths.eval_metrics, round_floats(metrics))
 
     precision, recall, _ = precision_recall_curve(labels, probs)
@@ -67,18 +92,21 @@ def run(params: Params) -> dict[str, Any]:
                                                            "precision": precision}))))
     write_text(paths.roc_curve, _to_csv(_thin(pd.DataFrame({"fpr": fpr, "tpr": tpr}))))
     names = np.array(["no evidence", "evidence"])
-    write_text(paths.confusion, _to_csv(pd.DataFrame({"actual": names[labels],
-                                                      "predicted": names[preds]})))
+    write_text(paths.confusion, _to_csv(pd.DataFrame({
+        "actual": names[labels], "predicted": names[(probs >= tuned).astype(int)]})))
     write_text(paths.predictions, _to_csv(pd.DataFrame({
-        "pair_id": test["pair_id"], "criterion_id": test["criterion_id"], "label": labels,
-        "probability": probs}), digits=6))
+        "pair_id": test["pair_id"], "post_id": test["post_id"],
+        "criterion_id": test["criterion_id"], "label": labels, "probability": probs,
+        "baseline_probability": base_probs}), digits=6))
     return metrics
 
 
 def main() -> None:
     m = run(load_params())
-    print(f"evaluate: macro_f1 {m['macro_f1']:.4f} pos_f1 {m['pos_f1']:.4f} "
-          f"roc_auc {m['roc_auc']:.4f} pr_auc {m['pr_auc']:.4f} on {m['test_pairs']} test pairs")
+    print(f"evaluate on {m['test_pairs']} test pairs: roc_auc {m['roc_auc']:.4f} pr_auc "
+          f"{m['pr_auc']:.4f}; pos_f1 {m['pos_f1']:.4f} at 0.5, {m['tuned_pos_f1']:.4f} at the "
+          f"tuned {m['tuned_threshold']:.3f}; TF-IDF baseline pos_f1 {m['baseline_pos_f1']:.4f} "
+          f"pr_auc {m['baseline_pr_auc']:.4f}")
 
 
 if __name__ == "__main__":

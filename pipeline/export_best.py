@@ -1,15 +1,28 @@
-"""Stage ``export_best``: the chosen trial's hyperparameters as a small YAML params file.
+"""Stage ``export_best``: choose a trial and write its hyperparameters and threshold.
 
-Reads   paths.trials (the hpo stage's trial table)
-Writes  paths.best_params, which ``retrain`` declares under ``params:`` so that ``dvc params diff``
-        and ``dvc exp show`` show the tuned hyperparameters next to params.yaml.
+Reads   paths.trials, paths.fold_metrics, paths.pareto (the hpo stage's tables)
+        params: export_best.select, export_best.k, hpo.metric, hpo.objectives
+Writes  paths.best_params: the chosen trial's hyperparameters (read by ``retrain``), its decision
+        threshold (read by ``evaluate``) and why it was chosen. Both stages declare it under
+        ``params:``, so ``dvc params diff`` and ``dvc exp show`` show it next to params.yaml.
 
-The choice: the complete trial with the highest objective value (ties: the earlier trial).
+Rules (``export_best.select``):
+
+* ``best``: the complete trial with the highest objective value.
+* ``mean_minus_k_se``: the highest fold mean minus ``k`` standard errors (fold std / sqrt(folds)).
+  On a few folds the best value is often one lucky fold; this prefers a trial that is good on
+  every fold.
+* With ``hpo.objectives`` (a multi-objective study) the choice is among the Pareto-optimal
+  trials: those whose metric is within ``k`` standard errors of the best one (``best``: k = 0),
+  and of those the cheapest by the first extra objective.
+
+Ties go to the earlier trial.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +32,7 @@ from pipeline.common import StageError, run_stage, write_text
 from pipeline.params import HYPERPARAMETERS, Params, load_params
 
 
-def read_trials(path: str | Path) -> list[dict[str, str]]:
+def read_rows(path: str | Path) -> list[dict[str, str]]:
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
@@ -34,27 +47,88 @@ def hyperparameters(row: dict[str, str]) -> dict[str, Any]:
     return values
 
 
-def choose(rows: list[dict[str, str]]) -> dict[str, str]:
-    complete = [r for r in rows if r["state"] == "COMPLETE"]
+def fold_scores(folds: list[dict[str, str]], metric: str) -> dict[int, list[float]]:
+    scores: dict[int, list[float]] = {}
+    for r in folds:
+        scores.setdefault(int(r["trial"]), []).append(float(r[metric]))
+    return scores
+
+
+def _se(scores: list[float]) -> float:
+    n = len(scores)
+    if n < 2:
+        return 0.0
+    mean = sum(scores) / n
+    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
+
+
+def choose(trials: list[dict[str, str]], pareto: list[dict[str, str]],
+           folds: list[dict[str, str]], params: Params) -> tuple[dict[str, str], dict[str, Any]]:
+    """The chosen row and the record of the choice."""
+    rule, k, metric = params.export_best.select, params.export_best.k, params.hpo.metric
+    complete = [r for r in trials if r["state"] == "COMPLETE"]
     if not complete:
         raise StageError("export_best: no complete trial in the trials table")
-    return max(complete, key=lambda r: (float(r["value"]), -int(r["number"])))
+    scores = fold_scores(folds, metric)
+    by_value = max(complete, key=lambda r: (float(r["value"]), -int(r["number"])))
+    record: dict[str, Any] = {"rule": rule, "k": k, "best_by_value": int(by_value["number"])}
+
+    if params.hpo.objectives:
+        cost = params.hpo.objectives[0]
+        front = [r for r in pareto if r["state"] == "COMPLETE"] or [by_value]
+        top = max(front, key=lambda r: (float(r["value"]), -int(r["number"])))
+        margin = (k if rule == "mean_minus_k_se" else 0.0) * _se(scores[int(top["number"])])
+        eligible = [r for r in front if float(r["value"]) >= float(top["value"]) - margin]
+        chosen = min(eligible, key=lambda r: (float(r[f"objective_{cost}"]),
+                                              -float(r["value"]), int(r["number"])))
+        record.update(pareto_trials=sorted(int(r["number"]) for r in front), cost=cost,
+                      reason=f"the lowest {cost} ({float(chosen[f'objective_{cost}']):.4g}) of "
+                             f"the Pareto-optimal trials within {margin:.4f} of the best "
+                             f"{metric} ({float(top['value']):.4f}, trial {top['number']})")
+        return chosen, record
+
+    if rule == "best":
+        record["reason"] = f"the highest {metric} ({float(by_value['value']):.4f})"
+        return by_value, record
+
+    def score(r: dict[str, str]) -> float:
+        s = scores[int(r["number"])]
+        return sum(s) / len(s) - k * _se(s)
+
+    chosen = max(complete, key=lambda r: (score(r), -int(r["number"])))
+    s = scores[int(chosen["number"])]
+    record["score"] = round(score(chosen), 6)
+    record["reason"] = (f"the highest fold mean - {k:g} SE of {metric}: {sum(s) / len(s):.4f} - "
+                        f"{k:g} x {_se(s):.4f} over {len(s)} folds")
+    if chosen is not by_value:
+        b = scores[int(by_value["number"])]
+        record["reason"] += (f"; trial {by_value['number']} has the highest value "
+                             f"({float(by_value['value']):.4f}) but a fold SE of {_se(b):.4f}")
+    return chosen, record
 
 
 def run(params: Params) -> dict[str, Any]:
-    row = choose(read_trials(params.paths.trials))
-    doc = {"trial": int(row["number"]), "value": float(row["value"]),
-           "hyperparameters": hyperparameters(row)}
+    paths = params.paths
+    row, record = choose(read_rows(paths.trials), read_rows(paths.pareto),
+                         read_rows(paths.fold_metrics), params)
+    doc = {
+        "trial": int(row["number"]),
+        "value": float(row["value"]),
+        # tuned on the trial's pooled out-of-fold predictions: the best pos_f1 threshold
+        "threshold": float(row["threshold"]) if row.get("threshold") else 0.5,
+        "selection": record,
+        "hyperparameters": hyperparameters(row),
+    }
     header = ("# Written by `python -m pipeline.export_best` from the hpo stage's trials; do not\n"
-              "# edit. retrain reads it as a DVC params file (see `dvc params diff`).\n")
-    write_text(params.paths.best_params, header + yaml.safe_dump(doc, sort_keys=False))
+              "# edit. retrain and evaluate read it as a DVC params file (`dvc params diff`).\n")
+    write_text(paths.best_params, header + yaml.safe_dump(doc, sort_keys=False, width=99))
     return doc
 
 
 def main() -> None:
     doc = run(load_params())
-    print(f"export_best: trial {doc['trial']} (value {doc['value']:.4f}): "
-          f"{doc['hyperparameters']}")
+    print(f"export_best: trial {doc['trial']} ({doc['selection']['reason']}); threshold "
+          f"{doc['threshold']:.4f}; {doc['hyperparameters']}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ stage does the same, then waits for trials still running elsewhere and writes th
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -37,30 +36,31 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pandas as pd
+import yaml
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from pipeline.common import StageError, round_floats, run_stage, write_json, write_text
+from pipeline.common import StageError, run_stage
 from pipeline.engine import ENCODE_STATS, derive_seed, encode_pairs
 from pipeline.model import load_tokenizer
 from pipeline.objective import CrossValidation, fold_indices
-from pipeline.params import HYPERPARAMETERS, METRICS, Params, load_params
-from pipeline.storage import StudyStorage, redact
-from pipeline.tracking import FAILED, FINISHED, KILLED, RunTree, tracking_uri
+from pipeline.params import Params, YamlLoader, load_params
+from pipeline.storage import StudyStorage
+from pipeline.study_outputs import FINISHED_STATES, primary, write_outputs
+from pipeline.tracking import FAILED, FINISHED, KILLED, RunTree
 
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-FOLD_COLUMNS = ["trial", "fold", "state", "seed", "epochs_run", "best_epoch", "padding_fraction",
-                *METRICS]
 POLL_SECONDS = 2.0
 
 
-def study_definition(params: Params, pairs_digest: str) -> dict[str, Any]:
+def study_definition(params: Params, pairs_digest: str,
+                     warm_start: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything that defines the objective; n_trials and storage are deliberately absent."""
     train = params.train
     return {
+        "objectives": [params.hpo.metric, *params.hpo.objectives],
+        "warm_start": warm_start or [],
         "pairs_sha256": pairs_digest,  # the prepared data, its split and its folds
         "n_folds": params.prepare.n_folds,
         "seed": params.seed,
@@ -171,89 +171,50 @@ def wait_for_running(study: optuna.Study, storage: StudyStorage) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def considered_trials(study: optuna.Study, n_trials: int) -> list[FrozenTrial]:
-    """All trials up to and including the n_trials-th finished one (failed ones included)."""
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    kept, finished = [], 0
-    for t in trials:
-        if finished >= n_trials:
-            break
-        if t.user_attrs.get("surplus"):
+def _in_space(params: Params, point: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``point`` that is a valid value of a searched hyperparameter."""
+    kept = {}
+    for name, p in params.hpo.search_space.items():
+        value = point.get(name)
+        if value is None or not p.searched:
             continue
-        if t.state in FINISHED_STATES or t.state == TrialState.FAIL:
-            kept.append(t)
-            finished += t.state in FINISHED_STATES
+        if any(point.get(k, kept.get(k)) != v for k, v in p.when.items()):
+            continue
+        if p.type == "categorical":
+            ok = value in p.choices
+        else:
+            ok = isinstance(value, (int, float)) and p.low <= value <= p.high
+        if ok:
+            kept[name] = int(value) if p.type == "int" else value
     return kept
 
 
-def _fold_rows(trials: list[FrozenTrial], n_folds: int) -> list[dict[str, Any]]:
-    rows = []
-    for t in trials:
-        for fold in range(n_folds):
-            f = t.user_attrs.get(f"fold{fold}")
-            if f is not None:
-                rows.append({"trial": t.number, "fold": fold, "state": t.state.name,
-                             **{k: f.get(k) for k in FOLD_COLUMNS[3:]}})
-    return rows
-
-
-def _trial_rows(trials: list[FrozenTrial], metric: str, n_folds: int) -> list[dict[str, Any]]:
-    """One row per trial; no run ids, workers or durations, so that the file is the same on
-    every rerun (they are in the study and in MLflow)."""
-    retried_as = {t.system_attrs["failed_trial"]: t.number for t in trials
-                  if "failed_trial" in t.system_attrs}
-    rows = []
-    for t in trials:
-        reason = t.user_attrs.get("fail_reason")
-        if t.state == TrialState.FAIL and not reason and t.number in retried_as:
-            reason = "worker died (stale heartbeat)"
-        if t.number in retried_as:
-            reason = f"{reason}; retried as trial {retried_as[t.number]}"
-        folds = [t.user_attrs[f"fold{k}"][metric] for k in range(n_folds)
-                 if t.user_attrs.get(f"fold{k}") is not None]
-        hps = t.user_attrs.get("hyperparameters") or {}
-        rows.append({
-            "number": t.number, "state": t.state.name, "value": t.value,
-            "fold_mean": float(np.mean(folds)) if folds else None,
-            "fold_std": float(np.std(folds, ddof=1)) if len(folds) > 1 else None,
-            "folds_run": len(folds),
-            **{f"params_{name}": hps.get(name) for name in HYPERPARAMETERS},
-                "fail_reason": reason,
-        })
-    return rows
-
-
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Rows as CSV; metrics rounded, hyperparameters (params_*) kept exact for export_best."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        row = {k: v if k.startswith("params_") else round_floats(v) for k, v in row.items()}
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return buf.getvalue()
-
-
-def importances(trials: list[FrozenTrial], params: Params) -> dict[str, Any]:
-    """Importances over the complete trials, with the evaluator chosen explicitly in params."""
-    name = params.hpo.importance_evaluator
-    seed = derive_seed(params.seed, "importance")
-    evaluator = {
-        "fanova": lambda: optuna.importance.FanovaImportanceEvaluator(seed=seed),
-        "ped_anova": lambda: optuna.importance.PedAnovaImportanceEvaluator(),
-        "mean_decrease_impurity":
-            lambda: optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=seed),
-    }[name]()
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    result: dict[str, Any] = {"evaluator": name, "n_trials": len(complete), "importances": {}}
-    study = optuna.create_study(direction="maximize")
-    study.add_trials(complete)
-    try:
-        result["importances"] = optuna.importance.get_param_importances(
-            study, evaluator=evaluator)
-    except (RuntimeError, ValueError) as err:  # too few trials, or nothing varied
-        result["error"] = str(err)
-    return result
+def warm_start_points(params: Params, storage: StudyStorage) -> list[dict[str, Any]]:
+    """hpo.warm_start resolved to the points to enqueue first (only valid values are kept)."""
+    spec = params.hpo.warm_start
+    if not spec:
+        return []
+    if spec.startswith("study:"):
+        try:
+            other = optuna.load_study(study_name=spec[len("study:"):], storage=storage.optuna)
+        except KeyError as err:
+            raise StageError(f"params.yaml: hpo.warm_start: no study '{spec[6:]}' in "
+                             f"{storage.redacted}") from err
+        complete = [t for t in other.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        complete.sort(key=lambda t: (-primary(t), t.number))
+        points = [t.params for t in complete[: params.hpo.warm_start_trials]]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise StageError(f"params.yaml: hpo.warm_start: {path} not found (a best-params "
+                             "YAML written by export_best, or study:<name>)")
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {}
+        points = [doc.get("hyperparameters") or {}]
+    unique: list[dict[str, Any]] = []
+    for point in map(lambda p: _in_space(params, p), points):
+        if point and point not in unique:
+            unique.append(point)
+    return unique
 
 
 def _tokenised(params: Params) -> tuple[pd.DataFrame, bytes]:
@@ -282,10 +243,11 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
     hpo = params.hpo
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pairs, pairs_bytes = _tokenised(params)
-    definition = study_definition(params, hashlib.sha256(pairs_bytes).hexdigest())
-    name = study_name(hpo.study_prefix, definition)
     runs: RunTree | None = None  # bound below; the storage calls back only during trials
     storage = StudyStorage(params, on_dead_trial=lambda t: _close_dead_trial_runs(runs, t))
+    points = warm_start_points(params, storage)
+    definition = study_definition(params, hashlib.sha256(pairs_bytes).hexdigest(), points)
+    name = study_name(hpo.study_prefix, definition)
     if worker:
         # Wait for the stage first: it also creates the MLflow store (two processes creating
         # the same SQLite store at once collide).
@@ -293,9 +255,12 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
         runs = RunTree(hpo.mlflow_experiment)
     else:
         runs = RunTree(hpo.mlflow_experiment)
-        study = optuna.create_study(storage=storage.optuna, study_name=name,
-                                    direction="maximize", pruner=make_pruner(params),
-                                    load_if_exists=True)
+        study = optuna.create_study(
+            storage=storage.optuna, study_name=name, pruner=make_pruner(params),
+            directions=["maximize"] + ["minimize"] * len(hpo.objectives), load_if_exists=True)
+        if not study.trials:
+            for point in points:  # warm start: earlier best points are the first trials
+                study.enqueue_trial(point, skip_if_exists=True)
         study.set_user_attr("definition", definition)
         parent = runs.study_run(study.user_attrs.get("mlflow_run_id"), name,
                                 {"optuna.study_name": name, "optuna.storage": storage.redacted})
@@ -350,67 +315,6 @@ def _join(name: str, storage: StudyStorage, params: Params,
                 "s. Start the stage (dvc repro) with the same params.yaml and prepared data, "
                 "and point HPO_STORAGE at the same database.")
         time.sleep(POLL_SECONDS)
-
-
-def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: str,
-                  runs: RunTree, parent: str) -> dict[str, Any]:
-    """Trials, fold metrics, summary, importances and metrics of the first n_trials trials."""
-    paths, hpo, n_folds = params.paths, params.hpo, params.prepare.n_folds
-    trials = considered_trials(study, hpo.n_trials)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        raise StageError(f"hpo: none of the {len(trials)} trials completed (all pruned or failed)")
-    best = max(complete, key=lambda t: (t.value, -t.number))
-    trial_rows = _trial_rows(trials, hpo.metric, n_folds)
-    fold_rows = _fold_rows(trials, n_folds)
-    best_row = next(r for r in trial_rows if r["number"] == best.number)
-    counts = {state: sum(t.state.name == state for t in trials)
-              for state in ("COMPLETE", "PRUNED", "FAIL")}
-    finished = counts["COMPLETE"] + counts["PRUNED"]
-    metrics = round_floats({
-        "best_value": best.value,
-        "best_trial": best.number,
-        "best_fold_mean": best_row["fold_mean"],
-        "best_fold_std": best_row["fold_std"],
-        "n_complete": counts["COMPLETE"],
-        "n_pruned": counts["PRUNED"],
-        "n_failed": counts["FAIL"],
-        "fold_fits_run": sum(r["folds_run"] for r in trial_rows
-                             if r["state"] in ("COMPLETE", "PRUNED")),
-        "fold_fits_possible": finished * n_folds,
-        # early stopping and pruning save epochs: run vs what the finished trials asked for
-        "epochs_run": sum(r["epochs_run"] or 0 for r in fold_rows
-                          if r["state"] in ("COMPLETE", "PRUNED")),
-        "epochs_possible": sum(n_folds * t.user_attrs["hyperparameters"]["num_train_epochs"]
-                               for t in trials if t.state in FINISHED_STATES),
-    })
-    importance = round_floats(importances(trials, params))
-    summary = {
-        "study_name": study.study_name,
-        "storage": storage,
-        "direction": "maximize",
-        "objective": f"{hpo.fold_aggregation} over {n_folds} folds of {hpo.metric}",
-        "n_trials": hpo.n_trials,
-        "trials_in_storage": len(study.trials),
-        "trials_reused": min(resumed, hpo.n_trials),
-        "counts": counts,
-        "best_trial": {"number": best.number, "value": round_floats(best.value),
-                       "hyperparameters": best.user_attrs["hyperparameters"],
-                       "fold_mean": best_row["fold_mean"], "fold_std": best_row["fold_std"]},
-        "mlflow": {"tracking_uri": redact(tracking_uri()), "study_run_id": parent},
-        "definition": study.user_attrs["definition"],
-    }
-    write_text(paths.trials, _csv(trial_rows, list(trial_rows[0])))
-    write_text(paths.fold_metrics, _csv(fold_rows, FOLD_COLUMNS))
-    write_json(paths.study_summary, summary)
-    write_json(paths.importance, importance)
-    write_json(paths.hpo_metrics, metrics)
-
-    runs.log(parent, {**{k: v for k, v in metrics.items() if v is not None},
-                      **{f"importance_{k}": v for k, v in importance["importances"].items()}})
-    for path in (paths.trials, paths.fold_metrics, paths.study_summary, paths.importance):
-        runs.artifact(parent, path)
-    return metrics
 
 
 def main() -> None:

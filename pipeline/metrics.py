@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 THRESHOLD = 0.5
 
@@ -24,3 +29,19 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray,
         "roc_auc": float(roc_auc_score(labels, probs)) if both else float("nan"),
         "pr_auc": float(average_precision_score(labels, probs)) if both else float("nan"),
     }
+
+
+def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """The decision threshold that maximises the evidence class's F1, and that F1.
+
+    Thresholds are the observed probabilities (the midpoint to the next lower one, so that a
+    slightly different model is not on the knife edge); ties go to the higher threshold.
+    """
+    labels = np.asarray(labels).astype(int)
+    if labels.sum() == 0:
+        return THRESHOLD, 0.0
+    precision, recall, thresholds = precision_recall_curve(labels, probs)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    best = int(np.flatnonzero(f1 == f1.max())[-1])
+    lower = thresholds[best - 1] if best > 0 else 0.0
+    return float((thresholds[best] + lower) / 2), float(f1[best])

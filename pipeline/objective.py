@@ -34,6 +34,7 @@ from transformers import AutoConfig
 
 from pipeline import faults
 from pipeline.engine import Encoded, Hyperparameters, derive_seed, fine_tune, subsample_negatives
+from pipeline.metrics import best_f1_threshold, classification_metrics
 from pipeline.model import pick_device, resolve_model_path
 from pipeline.params import Params, SearchParam
 from pipeline.storage import worker_identity
@@ -43,7 +44,8 @@ AGGREGATE = {"mean": statistics.fmean, "median": statistics.median, "min": min, 
 # Trials that hold one of the study's n_trials places (FAIL ones give theirs up).
 SLOT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 # What a retried trial inherits from the dead one but must not keep.
-PER_ATTEMPT_ATTRS = ("fail_reason", "mlflow_run_id", "surplus")
+PER_ATTEMPT_ATTRS = ("fail_reason", "mlflow_run_id", "surplus", "threshold", "oof_pos_f1",
+                     "oof_pos_f1_tuned", "oof_pr_auc", "objectives")
 
 
 class SurplusTrial(RuntimeError):
@@ -80,10 +82,14 @@ class _TrialEvents:
     """Parent side of a trial: turns fold events into MLflow runs, user attrs and reports."""
 
     def __init__(self, trial: optuna.Trial, params: Params, runs: RunTree, run_id: str,
-                 n_folds: int) -> None:
+                 folds: list[tuple[np.ndarray, np.ndarray]], labels: np.ndarray) -> None:
         self.trial, self.params, self.runs, self.run_id = trial, params, runs, run_id
-        self.n_folds = n_folds
+        self.folds, self.labels = folds, labels
+        self.n_folds = len(folds)
+        self.oof = np.full(len(labels), np.nan)  # out-of-fold probabilities
         self.scores: list[float] = []
+        self.epochs = 0
+        self.fit_seconds: list[float] = []
         self.fold_run: str | None = None
         self.pruned: str | None = None
 
@@ -101,8 +107,11 @@ class _TrialEvents:
             return self._fold_end(*event[1:])
         return None
 
-    def _fold_end(self, fold: int, summary: dict[str, Any]) -> bool:
+    def _fold_end(self, fold: int, summary: dict[str, Any], probs: np.ndarray) -> bool:
         hpo = self.params.hpo
+        self.oof[self.folds[fold][1]] = probs
+        self.epochs += summary["epochs_run"]
+        self.fit_seconds.append(summary["train_seconds"] + summary["eval_seconds"])
         self.trial.set_user_attr(f"fold{fold}", summary)
         self.runs.log(self.fold_run, {k: v for k, v in summary.items() if k != "seed"})
         self.runs.end(self.fold_run, FINISHED)
@@ -114,11 +123,28 @@ class _TrialEvents:
         running = AGGREGATE[hpo.fold_aggregation](self.scores)
         self.runs.log(self.run_id, {f"fold{fold}_{k}": summary[k]
                                     for k in ("macro_f1", "pos_f1", "roc_auc", "pr_auc")})
+        if len(self.trial.study.directions) > 1:
+            return False  # Optuna cannot prune multi-objective trials
         self.trial.report(running, step=fold)
         if fold + 1 < self.n_folds and self.trial.should_prune():
             self.pruned = f"{hpo.fold_aggregation} {hpo.metric} {running:.4f} after fold {fold}"
             return True
         return False
+
+    def objective(self, name: str) -> float:
+        """An extra objective of a multi-objective study (both are costs: minimised)."""
+        if name == "epochs":
+            return float(self.epochs)
+        return float(np.mean(self.fit_seconds))  # fold_fit_seconds
+
+    def threshold(self) -> dict[str, float]:
+        """The decision threshold tuned on the pooled out-of-fold predictions (best pos_f1)."""
+        rows = np.concatenate([val for _, val in self.folds])
+        labels, probs = self.labels[rows], self.oof[rows]
+        threshold, f1 = best_f1_threshold(labels, probs)
+        default = classification_metrics(labels, probs)
+        return {"threshold": threshold, "oof_pos_f1_tuned": f1,
+                "oof_pos_f1": default["pos_f1"], "oof_pr_auc": default["pr_auc"]}
 
     def close(self, status: str) -> None:
         if self.fold_run is not None:
@@ -159,9 +185,10 @@ class FoldRunner:
                 **result.metrics, "seed": seed, "epochs_run": result.epochs_run,
                 "best_epoch": result.best_epoch, "train_samples": result.train_samples,
                 "train_seconds": round(result.train_seconds, 3),
+                "eval_seconds": round(result.eval_seconds, 3),
                 "padding_fraction": round(result.padding_fraction, 4),
             }
-            if emit(("fold_end", fold, summary)):
+            if emit(("fold_end", fold, summary, result.val_probs)):
                 return False
         return True
 
@@ -227,7 +254,7 @@ class CrossValidation:
         for key in trial.user_attrs:  # a retry starts clean
             if key.startswith("fold") or key in PER_ATTEMPT_ATTRS:
                 trial.set_user_attr(key, None)
-        for key, value in worker_identity().items():
+        for key, value in {**worker_identity(), **self.runs.identity}.items():
             trial.set_user_attr(key, value)
         hp = suggest(trial, hpo.search_space)
         trial.set_user_attr("hyperparameters", hp.as_dict())
@@ -237,7 +264,8 @@ class CrossValidation:
                                   **worker_identity()})
         trial.set_user_attr("mlflow_run_id", run_id)
         self.runs.log(run_id, params=hp.as_dict())
-        events = _TrialEvents(trial, self.params, self.runs, run_id, len(self.runner.folds))
+        events = _TrialEvents(trial, self.params, self.runs, run_id, self.runner.folds,
+                              self.runner.enc.labels)
         status = FAILED
         try:
             if self.context is None:
@@ -248,9 +276,14 @@ class CrossValidation:
                 status = KILLED
                 raise optuna.TrialPruned(events.pruned)
             value = AGGREGATE[hpo.fold_aggregation](events.scores)
-            self.runs.log(run_id, {"value": value})
+            tuned = events.threshold()
+            for key, v in tuned.items():
+                trial.set_user_attr(key, v)
+            extra = {name: events.objective(name) for name in hpo.objectives}
+            trial.set_user_attr("objectives", extra)
+            self.runs.log(run_id, {"value": value, **tuned, **extra})
             status = FINISHED
-            return value
+            return (value, *extra.values()) if extra else value
         except optuna.TrialPruned:
             raise
         except Exception as err:  # the trial FAILs (never PRUNED) and says why; the study goes on

@@ -61,6 +61,11 @@ class Paths:
     fold_metrics: str
     study_summary: str
     importance: str
+    pareto: str
+    optuna_plots: str
+    hpo_history_plot: str
+    hpo_importance_plot: str
+    hpo_folds_plot: str
     best_params: str
     model_dir: str
     data_metrics: str
@@ -199,6 +204,11 @@ class HpoParams:
     sampler: SamplerParams
     pruner: PrunerParams
     search_space: dict[str, SearchParam]
+    # Extra objectives (costs, minimised) after hpo.metric: a multi-objective study.
+    objectives: list[Literal["epochs", "fold_fit_seconds"]] = field(default_factory=list)
+    # Enqueue earlier best points first: a best-params YAML file, or study:<name> (same storage).
+    warm_start: str | None = None
+    warm_start_trials: int = 3
 
     def __post_init__(self) -> None:
         _check(self.n_trials >= 1, "hpo.n_trials", "must be >= 1")
@@ -207,6 +217,10 @@ class HpoParams:
         _check(self.heartbeat_interval >= 1, "hpo.heartbeat_interval", "must be >= 1 (seconds)")
         _check(self.grace_period > self.heartbeat_interval, "hpo.grace_period",
                "must be longer than hpo.heartbeat_interval")
+        _check(not self.objectives or self.pruner.name == "none", "hpo.objectives",
+               "several objectives need hpo.pruner.name: none (Optuna cannot prune "
+               "multi-objective trials)")
+        _check(self.warm_start_trials >= 1, "hpo.warm_start_trials", "must be >= 1")
         if self.storage is not None:
             _check(self.storage.startswith("journal:") or "://" in self.storage, "hpo.storage",
                    f"got {self.storage!r}; expected null, a database URL (sqlite:///path, "
@@ -219,6 +233,19 @@ class HpoParams:
 
 
 @dataclass(frozen=True)
+class ExportBestParams:
+    """How export_best chooses among the complete trials."""
+
+    # best: highest objective value. mean_minus_k_se: highest fold mean - k standard errors,
+    # i.e. prefer a trial that is good on every fold over one lucky fold.
+    select: Literal["best", "mean_minus_k_se"]
+    k: float
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 0, "export_best.k", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     paths: Paths
@@ -226,6 +253,7 @@ class Params:
     model: ModelParams
     train: TrainParams
     hpo: HpoParams
+    export_best: ExportBestParams
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -258,6 +286,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ParamsError:
                 continue
         raise ParamsError(f"{PARAMS_FILE}: {key}: got {value!r}, expected {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{PARAMS_FILE}: {key}: got {value!r}, expected a list")
+        (item,) = typing.get_args(tp)
+        values = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        if len(set(map(repr, values))) != len(values):
+            raise ParamsError(f"{PARAMS_FILE}: {key}: has duplicates")
+        return values
     if tp is type(None):
         if value is None:
             return None

@@ -12,7 +12,9 @@ output (DVC would delete it before each run) and it is git-ignored.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,23 @@ def workspace_root() -> Path:
     return cwd
 
 
+def run_identity() -> dict[str, str]:
+    """What links an MLflow run, an Optuna trial and a DVC experiment: the git commit the
+    pipeline runs from (the experiment's baseline under ``dvc exp run``) and the experiment's
+    name. DVC passes both to queued and workspace experiments in the environment."""
+    ids = {}
+    commit = os.environ.get("DVC_EXP_BASELINE_REV")
+    if not commit:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace_root(),
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+    if commit:
+        ids["git_commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        ids["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return ids
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace_root() / 'mlflow.db'}"
 
@@ -54,6 +73,8 @@ class RunTree:
 
     def __init__(self, experiment: str) -> None:
         self.uri = tracking_uri()
+        # every run carries them: mlflow.search_runs("tags.git_commit = '...'") finds them all
+        self.identity = run_identity()
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
@@ -75,13 +96,16 @@ class RunTree:
                 run = self.client.get_run(run_id)
                 if run.info.experiment_id == self.experiment_id:
                     self.client.update_run(run_id, status="RUNNING")
+                    self.log(run_id, tags=self.identity)  # the latest run that extended it
                     return run_id
             except MlflowException:
                 pass
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        return self.client.create_run(self.experiment_id, run_name=name,
+                                      tags={**tags, **self.identity}).info.run_id
 
     def child(self, parent: str, name: str, tags: dict[str, Any]) -> str:
-        tags = {"mlflow.parentRunId": parent, **{k: str(v) for k, v in tags.items()}}
+        tags = {"mlflow.parentRunId": parent, **self.identity,
+                **{k: str(v) for k, v in tags.items()}}
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
     def log(self, run_id: str, metrics: dict[str, float] | None = None,
@@ -95,8 +119,8 @@ class RunTree:
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
-    def artifact(self, run_id: str, path: str | Path) -> None:
-        self.client.log_artifact(run_id, str(path))
+    def artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
 
     def close_open_children(self, run_id: str, status: str) -> None:
         """End the child runs of ``run_id`` that are still RUNNING (their process died)."""

@@ -38,8 +38,11 @@ def dump_yaml(path: Path, data: dict) -> None:
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None,
         timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a command with the venv's executables first on PATH (DVC stages call `python`)."""
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    full_env.pop("DVC_ROOT", None)
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # mlflow.set_tracking_uri() in a test exports MLFLOW_TRACKING_URI: never let it leak
+    for leaky in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        full_env.pop(leaky, None)
+    full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import load_yaml, run
+from conftest import dump_yaml, load_yaml, run
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +46,16 @@ def _assert_all_outputs(repo: Path) -> None:
     assert len(_rows(repo / p["fold_metrics"])) == metrics["fold_fits_run"]
     assert "evaluator" in _json(repo / p["importance"])
 
+    assert _rows(repo / p["pareto"])
+    assert {f.name for f in (repo / p["optuna_plots"]).iterdir()} >= {
+        "optimization_history.html", "param_importances.html"}
+    for plot in ("hpo_history_plot", "hpo_importance_plot", "hpo_folds_plot"):
+        assert (repo / p[plot]).is_file()
+
     best = yaml.safe_load((repo / p["best_params"]).read_text())
-    assert best["trial"] == metrics["best_trial"]
+    assert best["selection"]["rule"] == "mean_minus_k_se" and best["selection"]["reason"]
     assert {"learning_rate", "loss_function", "num_train_epochs"} <= set(best["hyperparameters"])
+    assert 0.0 < best["threshold"] < 1.0
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -56,8 +65,10 @@ def _assert_all_outputs(repo: Path) -> None:
 
     evaluation = _json(repo / p["eval_metrics"])
     for key in ("macro_f1", "pos_f1", "roc_auc", "pr_auc",
-                *(f"pos_f1_A{i}" for i in range(1, 10))):
+                *(f"pos_f1_A{i}" for i in range(1, 10)), "tuned_pos_f1", "tuned_macro_f1",
+                "baseline_pos_f1", "baseline_pr_auc", "baseline_roc_auc"):
         assert 0.0 <= evaluation[key] <= 1.0, key
+    assert evaluation["tuned_threshold"] == best["threshold"]
     assert _rows(repo / p["pr_curve"]) and _rows(repo / p["roc_curve"])
     assert len(_rows(repo / p["confusion"])) == evaluation["test_pairs"]
     assert len(_rows(repo / p["predictions"])) == evaluation["test_pairs"]
@@ -65,19 +76,21 @@ def _assert_all_outputs(repo: Path) -> None:
 
 def test_repro_then_exp_run_reuses_trials_and_diffs_show_it(repo_copy):
     repo = repo_copy
+    repro_commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     run(["dvc", "repro"], repo)
     _assert_all_outputs(repo)
     assert "up to date" in run(["dvc", "status"], repo).stdout
     assert not (repo / "mlruns").exists() and (repo / "mlflow.db").is_file()
     plots = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
-    assert len(plots["data"]) == 3 and "errors" not in plots
+    assert len(plots["data"]) == 6 and "errors" not in plots
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "tiny results"], repo)
     p = load_yaml(repo / "params.yaml")["paths"]
     trials_before = _rows(repo / p["trials"])
 
+    _assert_nesting_as_dashboards_read_it(repo)
     start = time.perf_counter()
-    run(["dvc", "exp", "run", "-S", "hpo.n_trials=3"], repo)
+    run(["dvc", "exp", "run", "-n", "three-trials", "-S", "hpo.n_trials=3"], repo)
     seconds = time.perf_counter() - start
     metrics = _json(repo / p["hpo_metrics"])
     assert metrics["n_complete"] + metrics["n_pruned"] == 3
@@ -96,6 +109,99 @@ def test_repro_then_exp_run_reuses_trials_and_diffs_show_it(repo_copy):
     assert metrics_diff[p["hpo_metrics"]]["fold_fits_possible"]["diff"] == 2
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
     assert "hyperparameters.learning_rate" in shown and "best_value" in shown
+
+    # one identity: the trial run under `dvc exp run` knows the experiment and the commit
+    study = optuna.load_study(study_name=summary["study_name"],
+                              storage=f"sqlite:///{repo / p['study_db']}")
+    new = study.trials[2]
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert new.user_attrs["dvc_exp_name"] == "three-trials"
+    assert new.user_attrs["git_commit"] == head
+    assert study.trials[0].user_attrs["git_commit"] == repro_commit  # `dvc repro` before
+    mlflow_run = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(
+        new.user_attrs["mlflow_run_id"])
+    assert mlflow_run.data.tags["dvc_exp_name"] == "three-trials"
+    assert mlflow_run.data.tags["git_commit"] == head
+
+
+def _assert_nesting_as_dashboards_read_it(repo: Path) -> None:
+    """What optuna-dashboard and `mlflow ui` see: study -> trial -> fold runs, linked both ways."""
+    import mlflow
+
+    p = load_yaml(repo / "params.yaml")["paths"]
+    name = _json(repo / p["study_summary"])["study_name"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{repo / p['study_db']}")
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(experiment_names=["redsm5-evidence-binding"])
+    finally:  # set_tracking_uri also exports MLFLOW_TRACKING_URI; later tests must not see it
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert list(parents["tags.optuna.study_name"]) == [name]
+    assert study.user_attrs["mlflow_run_id"] == parents["run_id"].iloc[0]
+    by_id = runs.set_index("run_id")
+    for trial in study.trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert by_id.loc[run_id, "tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]
+        assert by_id.loc[run_id, "tags.optuna.trial_number"] == str(trial.number)
+        folds = runs[runs["tags.mlflow.parentRunId"] == trial.user_attrs["mlflow_run_id"]]
+        assert len(folds) == sum(trial.user_attrs.get(f"fold{k}") is not None for k in (0, 1))
+        assert set(folds["tags.optuna.trial_number"]) == {str(trial.number)}
+
+
+def test_warm_start_and_multi_objective_through_dvc_repro(repo_copy, tmp_path):
+    repo = repo_copy
+    p = load_yaml(repo / "params.yaml")["paths"]
+    run(["dvc", "repro"], repo)
+    earlier = tmp_path / "best_params_main.yaml"
+    shutil.copy(repo / p["best_params"], earlier)
+    best = yaml.safe_load(earlier.read_text())["hyperparameters"]
+
+    # warm start from a best-params file, two objectives (pr_auc up, epochs down)
+    params = load_yaml(repo / "params.yaml")
+    params["hpo"].update(warm_start=str(earlier), objectives=["epochs"])
+    params["hpo"]["pruner"]["name"] = "none"
+    params["hpo"]["search_space"]["num_train_epochs"] = {"type": "int", "low": 1, "high": 2}
+    dump_yaml(repo / "params.yaml", params)
+    run(["dvc", "repro"], repo)
+    summary = _json(repo / p["study_summary"])
+    assert summary["directions"] == ["maximize", "minimize"]
+    study = optuna.load_study(study_name=summary["study_name"],
+                              storage=f"sqlite:///{repo / p['study_db']}")
+    first = study.trials[0].params
+    assert first["learning_rate"] == best["learning_rate"]
+    assert first["loss_function"] == best["loss_function"]
+    assert len(study.trials[0].values) == 2
+    pareto = _rows(repo / p["pareto"])
+    chosen = yaml.safe_load((repo / p["best_params"]).read_text())
+    assert chosen["selection"]["cost"] == "epochs"
+    assert chosen["trial"] in [int(r["number"]) for r in pareto]
+    assert _json(repo / p["hpo_metrics"])["n_pareto"] == len(pareto)
+
+
+def test_report_on_two_commits(repo_copy):
+    repo = repo_copy
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "base"], repo)
+    params = load_yaml(repo / "params.yaml")
+    params["hpo"]["n_trials"] = 3
+    dump_yaml(repo / "params.yaml", params)
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "three trials"], repo)
+    run([sys.executable, "-m", "pipeline.report", "--rev", "HEAD~1", "--out", "report.md"],
+        repo)
+    report = (repo / "report.md").read_text()
+    print(report)
+    for heading in ("## Params", "## Best params", "## Metrics", "## Test metrics (95% bootstrap",
+                    "## Chosen trials, fold by fold", "## Hyperparameter importance",
+                    "## Plots"):
+        assert heading in report, heading
+    assert "| params.yaml | hpo.n_trials | 2 | 3 |" in report
+    assert "fold_fits_possible" in report
+    assert "paired t-test" in report or "identical or single-fold" in report
+    assert "dvc plots diff HEAD~1" in report
 
 
 def test_queued_experiment_logs_to_the_workspace_store(repo_copy):

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.slow
 
 
 def _popen(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    full_env.pop("DVC_ROOT", None)
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for leaky in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        full_env.pop(leaky, None)
+    full_env.update(env or {})
     return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 

@@ -1,0 +1,74 @@
+"""The review helpers: choosing a trial, tuning the threshold, the baseline."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import prepare
+from pipeline.baseline import tfidf_baseline
+from pipeline.export_best import choose
+from pipeline.metrics import best_f1_threshold, classification_metrics
+from pipeline.params import load_params
+
+
+def _trial(number, value, extra=None):
+    return {"number": str(number), "state": "COMPLETE", "value": str(value),
+            **({"objective_epochs": str(extra)} if extra is not None else {})}
+
+
+def _folds(trial, scores):
+    return [{"trial": str(trial), "fold": str(k), "pr_auc": str(s)}
+            for k, s in enumerate(scores)]
+
+
+@pytest.fixture
+def params(workdir):
+    return load_params()
+
+
+def test_mean_minus_k_se_prefers_a_trial_good_on_every_fold(params):
+    # trial 0: one lucky fold (mean 0.30); trial 1: steady (mean 0.28)
+    trials = [_trial(0, 0.30), _trial(1, 0.28)]
+    folds = _folds(0, [0.50, 0.10]) + _folds(1, [0.27, 0.29])
+    best = replace(params, export_best=replace(params.export_best, select="best"))
+    row, record = choose(trials, [], folds, best)
+    assert row["number"] == "0" and record["best_by_value"] == 0
+    row, record = choose(trials, [], folds, params)  # mean_minus_k_se, k = 1
+    assert row["number"] == "1" and "trial 0 has the highest value" in record["reason"]
+    assert record["score"] == pytest.approx(0.28 - 0.01)
+
+
+def test_multi_objective_takes_the_cheapest_pareto_trial_within_noise(params):
+    params = replace(params, hpo=replace(params.hpo, objectives=["epochs"],
+                                         pruner=replace(params.hpo.pruner, name="none")))
+    trials = [_trial(0, 0.30, 6), _trial(1, 0.29, 2), _trial(2, 0.10, 1)]
+    folds = _folds(0, [0.32, 0.28]) + _folds(1, [0.3, 0.28]) + _folds(2, [0.1, 0.1])
+    row, record = choose(trials, trials, folds, params)
+    assert row["number"] == "1"  # within 1 SE (0.02) of the best, a third of the epochs
+    assert record["pareto_trials"] == [0, 1, 2] and record["cost"] == "epochs"
+
+
+def test_best_f1_threshold_maximises_f1():
+    rng = np.random.default_rng(0)
+    labels = rng.random(500) < 0.1
+    probs = np.clip(labels * 0.3 + rng.random(500) * 0.5, 0, 1)
+    threshold, f1 = best_f1_threshold(labels, probs)
+    assert classification_metrics(labels, probs, threshold)["pos_f1"] == pytest.approx(f1)
+    for other in np.linspace(0.05, 0.95, 19):
+        assert classification_metrics(labels, probs, other)["pos_f1"] <= f1 + 1e-12
+
+
+def test_tfidf_baseline_learns_the_sample(params):
+    prepare.run(params)
+    pairs = pd.read_csv(params.paths.pairs, keep_default_na=False)
+    train, test = (pairs[pairs.split == s].reset_index(drop=True) for s in ("train", "test"))
+    probs, threshold = tfidf_baseline(train, test)
+    m = classification_metrics(test["label"], probs, threshold)
+    assert 0.0 < threshold < 1.0 and probs.shape == (len(test),)
+    assert m["roc_auc"] > 0.7 and m["pr_auc"] > 2 * test["label"].mean()
+    again, _ = tfidf_baseline(train, test)
+    assert np.array_equal(probs, again)  # deterministic
