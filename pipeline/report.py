@@ -123,18 +123,37 @@ def bootstrap_section(params: Params) -> str:
             f"{len(unique)} test posts)\n\n" + _table(["metric", "value", "95% interval"], rows))
 
 
+def _folds_identity(params: Params, rev: str | None) -> str | None:
+    """The prepared pairs (their hash in dvc.lock, in git) and the number of folds at ``rev``."""
+    lock_text, params_text = _read_at("dvc.lock", rev), _read_at("params.yaml", rev)
+    if not (lock_text and params_text):
+        return None
+    outs = yaml.safe_load(lock_text).get("stages", {}).get("prepare", {}).get("outs", [])
+    md5 = next((o.get("md5") for o in outs if o.get("path") == params.paths.pairs), None)
+    n_folds = (yaml.load(params_text, Loader=YamlLoader).get("prepare") or {}).get("n_folds")
+    return f"pairs {md5[:12]} x {n_folds} folds" if md5 else None
+
+
 def _chosen_folds(params: Params, rev: str | None) -> tuple[int, dict[int, float], str] | None:
+    """The chosen trial's per-fold metric at ``rev``: from the fold metrics (DVC cache) or, when
+    they are not in the local cache, from the committed hpo fold plot (in git)."""
+    metric = params.hpo.metric
     best_text = _read_at(params.paths.best_params, rev)
-    folds_text = _read_at(params.paths.fold_metrics, rev)
-    summary_text = _read_at(params.paths.study_summary, rev)
-    if not (best_text and folds_text and summary_text):
+    folds_id = _folds_identity(params, rev)
+    if not (best_text and folds_id):
         return None
     trial = yaml.load(best_text, Loader=YamlLoader)["trial"]
-    rows = pd.read_csv(io.StringIO(folds_text))
-    rows = rows[rows["trial"] == trial]
-    definition = json.loads(summary_text)["definition"]
-    folds_id = f"{definition['pairs_sha256'][:12]} x {definition['n_folds']} folds"
-    return trial, dict(zip(rows["fold"], rows[params.hpo.metric], strict=True)), folds_id
+    for path in (params.paths.fold_metrics, params.paths.hpo_folds_plot):
+        text = _read_at(path, rev)
+        if not text:
+            continue
+        rows = pd.read_csv(io.StringIO(text))
+        if metric not in rows.columns:  # the base optimised another metric
+            continue
+        rows = rows[rows["trial"] == trial].dropna(subset=[metric])
+        if len(rows):
+            return trial, dict(zip(rows["fold"], rows[metric], strict=True)), folds_id
+    return None
 
 
 def paired_section(params: Params, rev: str) -> str:
@@ -142,8 +161,10 @@ def paired_section(params: Params, rev: str) -> str:
     head = f"## Chosen trials, fold by fold ({metric})\n\n"
     base, this = _chosen_folds(params, rev), _chosen_folds(params, None)
     if base is None or this is None:
-        return head + (f"The fold metrics of {rev if base is None else 'the workspace'} are not "
-                       "available (not committed, or not in the local DVC cache: `dvc pull`).\n")
+        return head + (f"The fold metrics ({metric}) of the chosen trial of "
+                       f"{rev if base is None else 'the workspace'} are not available (neither "
+                       f"{params.paths.hpo_folds_plot} in git nor {params.paths.fold_metrics} "
+                       "in the local DVC cache: `dvc pull`).\n")
     (bt, bf, b_id), (tt, tf, t_id) = base, this
     if b_id != t_id or set(bf) != set(tf):
         return head + (f"The folds differ ({rev}: {b_id}; this: {t_id}), so the trials cannot "
