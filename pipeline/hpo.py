@@ -70,9 +70,17 @@ def study_definition(params: Params, pairs_digest: str,
         "metric": params.hpo.metric,
         "fold_aggregation": params.hpo.fold_aggregation,
         "sampler": asdict(params.hpo.sampler),
-        "pruner": asdict(params.hpo.pruner),
+        "pruner": _pruner_definition(params),
         "search_space": {name: asdict(p) for name, p in params.hpo.search_space.items()},
     }
+
+
+def _pruner_definition(params: Params) -> dict[str, Any]:
+    """The pruner's settings that act: the percentile only defines a percentile pruner."""
+    d = asdict(params.hpo.pruner)
+    if d["name"] != "percentile":
+        d.pop("percentile")
+    return d
 
 
 def study_name(prefix: str, definition: dict[str, Any]) -> str:
@@ -109,6 +117,10 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     if p.name == "none":
         return optuna.pruners.NopPruner()
     # One report per fold (step = fold index), so interval 1 and warmup counted in folds.
+    if p.name == "percentile":  # median = percentile 50; a lower percentile prunes more
+        return optuna.pruners.PercentilePruner(
+            p.percentile, n_startup_trials=p.n_startup_trials,
+            n_warmup_steps=p.n_warmup_steps, interval_steps=1)
     return optuna.pruners.MedianPruner(
         n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps, interval_steps=1)
 

@@ -137,11 +137,14 @@ class SamplerParams:
 
 @dataclass(frozen=True)
 class PrunerParams:
-    name: Literal["median", "none"]
+    name: Literal["median", "percentile", "none"]
     n_startup_trials: int
     n_warmup_steps: int
+    percentile: float  # percentile pruner: keep the trials in the top `percentile` % per fold
 
     def __post_init__(self) -> None:
+        _check(0 < self.percentile < 100, "hpo.pruner.percentile",
+               f"must be between 0 and 100 (exclusive), got {self.percentile}")
         _check(self.n_startup_trials >= 0, "hpo.pruner.n_startup_trials", "must be >= 0")
         _check(self.n_warmup_steps >= 0, "hpo.pruner.n_warmup_steps", "must be >= 0")
 

@@ -71,6 +71,7 @@ def test_study_name_is_a_fingerprint_of_the_objective(params):
         _hpo(params, metric="roc_auc"),
         _hpo(params, fold_aggregation="median"),
         _hpo(params, pruner=replace(params.hpo.pruner, name="none")),
+        _hpo(params, pruner=replace(params.hpo.pruner, name="percentile")),
         _hpo(params, sampler=replace(params.hpo.sampler, name="random")),
         replace(params, model=replace(params.model, max_length=32)),
         replace(params, prepare=replace(params.prepare, n_folds=3)),
@@ -79,6 +80,14 @@ def test_study_name_is_a_fingerprint_of_the_objective(params):
     for other in changed:
         assert hpo.study_name("s", hpo.study_definition(other, "abc")) != name
     assert hpo.study_name("s", hpo.study_definition(params, "abd")) != name
+    # the percentile defines only a percentile pruner's study
+    assert params.hpo.pruner.name == "median"
+    other = _hpo(params, pruner=replace(params.hpo.pruner, percentile=10.0))
+    assert hpo.study_name("s", hpo.study_definition(other, "abc")) == name
+    percentile = _hpo(params, pruner=replace(params.hpo.pruner, name="percentile"))
+    assert hpo.study_name("s", hpo.study_definition(percentile, "abc")) != hpo.study_name(
+        "s", hpo.study_definition(replace(percentile, hpo=replace(
+            percentile.hpo, pruner=replace(percentile.hpo.pruner, percentile=10.0))), "abc"))
 
 
 def test_run_writes_outputs_logs_the_run_tree_and_resumes(params):
@@ -153,6 +162,28 @@ def test_pruning_is_fed_once_per_fold(params):
     assert metrics["n_pruned"] == 1 and metrics["fold_fits_run"] == 3
     assert MlflowClient(tracking_uri()).get_run(
         pruned.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_percentile_pruner_prunes_a_trial_outside_the_kept_percentile(params):
+    # Finished trials scored 1.0, 0.0 and 0.0 on fold 0: a real trial beats their median (0.0),
+    # so the median pruner would keep it, but a percentile pruner keeping the top 10% prunes it.
+    pruner = replace(params.hpo.pruner, name="percentile", percentile=10.0, n_startup_trials=1)
+    params = _hpo(params, pruner=pruner)
+    assert isinstance(hpo.make_pruner(params), optuna.pruners.PercentilePruner)
+    definition = hpo.study_definition(params, hpo.hashlib.sha256(
+        Path(params.paths.pairs).read_bytes()).hexdigest())
+    study = optuna.create_study(storage=storage_url(params), direction="maximize",
+                                study_name=hpo.study_name(params.hpo.study_prefix, definition))
+    for value in (1.0, 0.0, 0.0):
+        study.add_trial(optuna.trial.create_trial(
+            value=value, intermediate_values={0: value, 1: value},
+            user_attrs={"hyperparameters": {"num_train_epochs": 1}, "fold0": {"pr_auc": value},
+                        "fold1": {"pr_auc": value}}))
+    metrics = hpo.run(_hpo(params, n_trials=4))
+    trial = _study(params).trials[3]
+    assert 0.0 < trial.intermediate_values[0] < 1.0  # above the median, below the top 10%
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [0]
+    assert metrics["n_pruned"] == 1
 
 
 def test_a_failing_trial_fails_with_its_reason_and_never_prunes(params):

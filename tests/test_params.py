@@ -28,6 +28,7 @@ def raw():
         ({"hpo.fold_aggregation": "sum"}, "hpo.fold_aggregation: got 'sum'"),
         ({"hpo.sampler.name": "cmaes"}, "hpo.sampler.name: got 'cmaes', expected one of 'tpe'"),
         ({"hpo.pruner.name": "hyperband"}, "hpo.pruner.name: got 'hyperband'"),
+        ({"hpo.pruner.percentile": 100.0}, "hpo.pruner.percentile: must be between 0 and 100"),
         ({"prepare.n_folds": 1}, "prepare.n_folds: must be at least 2"),
         ({"prepare.test_size": 1.5}, "prepare.test_size: must be in (0, 1)"),
         ({"hpo.search_space.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-5}},
