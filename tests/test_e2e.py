@@ -204,6 +204,13 @@ def test_report_on_two_commits(repo_copy):
     assert "dvc plots diff HEAD~1" in report
     assert "(trial " in report and "are not available" not in report
 
+    # `dvc plots diff` renders every plot with both revisions' data
+    diff = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "--json"], repo).stdout)
+    assert len(diff["data"]) == 6 and not diff.get("errors")
+    for plot_id, (plot, *_) in diff["data"].items():
+        revs = {v["rev"] for v in plot["content"]["data"]["values"]}
+        assert revs == {"workspace", "HEAD~1"}, (plot_id, revs)
+
     # A reviewer's clone without the base's DVC cache: the committed hpo fold plot stands in.
     shutil.rmtree(repo / ".dvc" / "cache")
     run([sys.executable, "-m", "pipeline.report", "--rev", "HEAD~1", "--out", "report.md"],
