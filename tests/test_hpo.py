@@ -38,6 +38,19 @@ def _rows(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _add_finished_trials(params, values: list[float]) -> None:
+    """Finished trials scoring ``value`` on both folds, in the study the hpo stage will open."""
+    definition = hpo.study_definition(params, hpo.hashlib.sha256(
+        Path(params.paths.pairs).read_bytes()).hexdigest())
+    study = optuna.create_study(storage=storage_url(params), direction="maximize",
+                                study_name=hpo.study_name(params.hpo.study_prefix, definition))
+    for value in values:
+        study.add_trial(optuna.trial.create_trial(
+            value=value, intermediate_values={0: value, 1: value},
+            user_attrs={"hyperparameters": {"num_train_epochs": 1}, "fold0": {"pr_auc": value},
+                        "fold1": {"pr_auc": value}}))
+
+
 @pytest.fixture
 def params(workdir):
     p = load_params()
@@ -148,14 +161,7 @@ def test_pruning_is_fed_once_per_fold(params):
     params = _hpo(params, pruner=replace(params.hpo.pruner, n_startup_trials=1))
     # A finished trial that scored a perfect 1.0 on fold 0: any real trial is below the median
     # at step 0 and must be pruned there, skipping fold 1.
-    definition = hpo.study_definition(params, hpo.hashlib.sha256(
-        Path(params.paths.pairs).read_bytes()).hexdigest())
-    study = optuna.create_study(storage=storage_url(params), direction="maximize",
-                                study_name=hpo.study_name(params.hpo.study_prefix, definition))
-    study.add_trial(optuna.trial.create_trial(
-        value=1.0, intermediate_values={0: 1.0, 1: 1.0},
-        user_attrs={"hyperparameters": {"num_train_epochs": 1}, "fold0": {"pr_auc": 1.0},
-                    "fold1": {"pr_auc": 1.0}}))
+    _add_finished_trials(params, [1.0])
     metrics = hpo.run(params)
     pruned = _study(params).trials[1]
     assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [0]
@@ -170,15 +176,7 @@ def test_percentile_pruner_prunes_a_trial_outside_the_kept_percentile(params):
     pruner = replace(params.hpo.pruner, name="percentile", percentile=10.0, n_startup_trials=1)
     params = _hpo(params, pruner=pruner)
     assert isinstance(hpo.make_pruner(params), optuna.pruners.PercentilePruner)
-    definition = hpo.study_definition(params, hpo.hashlib.sha256(
-        Path(params.paths.pairs).read_bytes()).hexdigest())
-    study = optuna.create_study(storage=storage_url(params), direction="maximize",
-                                study_name=hpo.study_name(params.hpo.study_prefix, definition))
-    for value in (1.0, 0.0, 0.0):
-        study.add_trial(optuna.trial.create_trial(
-            value=value, intermediate_values={0: value, 1: value},
-            user_attrs={"hyperparameters": {"num_train_epochs": 1}, "fold0": {"pr_auc": value},
-                        "fold1": {"pr_auc": value}}))
+    _add_finished_trials(params, [1.0, 0.0, 0.0])
     metrics = hpo.run(_hpo(params, n_trials=4))
     trial = _study(params).trials[3]
     assert 0.0 < trial.intermediate_values[0] < 1.0  # above the median, below the top 10%
