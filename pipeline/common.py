@@ -1,8 +1,10 @@
-"""Small helpers every stage shares: atomic writes and the error boundary of a stage's main()."""
+"""Small helpers every stage shares: atomic writes, seeds and the error boundary of a stage's
+main(). No torch here: the report and other light tools import it."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +20,12 @@ from pipeline.params import ParamsError
 
 class StageError(RuntimeError):
     """A stage cannot go on; the message says why and what to do."""
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 31-bit seed for (seed, keys...): stable across processes and Python versions."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @contextlib.contextmanager

@@ -3,64 +3,42 @@
 Pairs are tokenised once per process (:class:`Encoded`) and every fold indexes into them.
 Training batches are length-grouped (buckets of similar length, bucket order shuffled by the seed)
 and padded per batch, so little compute goes to padding; evaluation runs in inference mode over
-length-sorted, larger batches. On CUDA: bf16 autocast (fp16 with a grad scaler where bf16 is
-missing), TF32, SDPA attention, pinned memory. Batches larger than ``train.max_device_batch_size``
-are split into micro-batches with gradient accumulation.
+length-sorted, larger batches. Autocast follows ``train.precision`` (pipeline/model.py: bf16 on
+CUDA and on CPUs with bf16 units, fp16 with a grad scaler on CUDA without bf16). On CUDA also TF32,
+SDPA attention, pinned memory, and the loss stays on the device: it is read once per epoch and
+checked for NaN/inf every ``NONFINITE_CHECK_STEPS`` steps, since every read of a device value makes
+the host wait for the GPU. Batches larger than ``train.max_device_batch_size`` are split into
+micro-batches with gradient accumulation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from pipeline.faults import Fault
 from pipeline.metrics import classification_metrics
 from pipeline.model import Device, load_classifier
-from pipeline.params import ModelParams, TrainParams
+from pipeline.params import Hyperparameters, ModelParams, TrainParams
+from pipeline.progress import progress
 
 # Length buckets are this many batches wide: wide enough to shuffle well, narrow enough that a
 # batch's sequences have similar lengths.
 BUCKET_BATCHES = 50
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """What a trial chooses (the search space's eight names)."""
-
-    learning_rate: float
-    per_device_train_batch_size: int
-    num_train_epochs: int
-    warmup_ratio: float
-    weight_decay: float
-    loss_function: str
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if self.loss_function != "focal":  # not used, not reported
-            d.pop("focal_gamma")
-            d.pop("focal_alpha")
-        return d
-
-
-def derive_seed(seed: int, *keys: object) -> int:
-    """A 31-bit seed for (seed, keys...): stable across processes and Python versions."""
-    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+# On CUDA, how many optimizer steps pass between checks of the loss for NaN/inf (each check is a
+# host-device sync). On a CPU every step is checked: it costs nothing there.
+NONFINITE_CHECK_STEPS = 50
 
 
 @dataclass
@@ -320,22 +298,27 @@ def fine_tune(
 
         result = FitResult(seed=seed, epochs_run=0, best_epoch=0, metrics={})
         best_score, since_best, step = -math.inf, 0, 0
+        check_every = NONFINITE_CHECK_STEPS if device.type == "cuda" else 1
         pads: list[np.ndarray] = []
-        for epoch in range(1, hp.num_train_epochs + 1):
+        for epoch in progress(range(1, hp.num_train_epochs + 1), f"{desc} epoch", plain=True,
+                              leave=False):
             # forward/backward over length-grouped batches
             model.train()
             batches = length_grouped_batches(enc.lengths, train_idx,
                                              hp.per_device_train_batch_size, rng)
             pads += batches
-            epoch_loss, epoch_n = 0.0, 0
+            # sum of (batch loss x batch size) over the epoch, kept on the device
+            epoch_loss = torch.zeros((), device=device.torch)
+            epoch_n = 0
             start = time.perf_counter()
-            for batch in tqdm(batches, desc=f"{desc} epoch {epoch}/{hp.num_train_epochs}",
-                              leave=False, mininterval=2.0):
+            for k, batch in enumerate(progress(batches,
+                                               f"{desc} epoch {epoch}/{hp.num_train_epochs}",
+                                               leave=False)):
                 y_all = torch.from_numpy(enc.labels[batch]).to(device.torch)
                 # the denominator of the full batch, so that accumulation equals one big batch
                 denom = (class_weights.to(device.torch)[y_all].sum()
                          if class_weights is not None else torch.tensor(float(len(batch))))
-                batch_loss = 0.0
+                batch_loss = torch.zeros((), device=device.torch)
                 for m in range(0, len(batch), micro):
                     part = batch[m : m + micro]
                     inputs = collate(enc, part, device)
@@ -346,10 +329,13 @@ def fine_tune(
                     if fault is not None:
                         loss = fault.trigger(step + 1, loss)
                     scaler.scale(loss).backward()
-                    batch_loss += float(loss.detach())
+                    batch_loss += loss.detach().float()
                 step += 1
-                if not math.isfinite(batch_loss):
-                    raise FloatingPointError(f"non-finite loss at step {step}")
+                epoch_loss += batch_loss * len(batch)
+                if ((step % check_every == 0 or k + 1 == len(batches))
+                        and not torch.isfinite(epoch_loss)):
+                    where = "at" if check_every == 1 else f"by (checked every {check_every})"
+                    raise FloatingPointError(f"non-finite loss {where} step {step}")
                 # update
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -357,12 +343,11 @@ def fine_tune(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                epoch_loss += batch_loss * len(batch)
                 epoch_n += len(batch)
+            record = {"train_loss": float(epoch_loss) / max(epoch_n, 1)}  # the epoch's one sync
             result.train_seconds += time.perf_counter() - start
             result.train_samples += epoch_n
             result.epochs_run = epoch
-            record = {"train_loss": epoch_loss / max(epoch_n, 1)}
 
             # validate, keep the best epoch, stop early when patience runs out. Without early
             # stopping only the last epoch is scored, so only the last epoch is validated: on a

@@ -8,6 +8,11 @@ Writes  paths.eval_metrics   macro_f1, pos_f1, roc_auc, pr_auc and pos_f1 per cr
                              logistic regression baseline (``baseline_*``)
         paths.pr_curve, paths.roc_curve, paths.confusion   DVC plots (declared in dvc.yaml)
         paths.predictions   the probability of every test pair
+Logs    an MLflow run ``evaluate``, a child of the ``retrain`` run that logged this model (found
+        by the model directory's SHA-256; else a child of the study's run), with the metrics, the
+        plots, the predictions and the shipped threshold; the registered model version with this
+        hash gets the tags ``threshold`` (the tuned one, which predict applies), ``eval_run_id``
+        and its headline test metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ from pipeline.engine import encode_pairs, predict
 from pipeline.metrics import THRESHOLD, classification_metrics
 from pipeline.model import pick_device
 from pipeline.params import Params, YamlLoader, load_params
+from pipeline.tracking import (
+    FAILED,
+    FINISHED,
+    RunTree,
+    dir_sha256,
+    find_model_run,
+    find_version,
+    study_link,
+)
 
 MAX_CURVE_POINTS = 200  # plots stay small enough to commit and diff
 
@@ -57,6 +71,43 @@ def scores(test: pd.DataFrame, probs: np.ndarray, threshold: float) -> dict[str,
     return out
 
 
+def log_eval_run(params: Params, metrics: dict[str, Any], trial: int | None) -> dict[str, str]:
+    """Log the evaluate run and tag the registered version of this model with its threshold."""
+    paths = params.paths
+    runs = RunTree(params.hpo.mlflow_experiment)
+    sha = dir_sha256(paths.model_dir)
+    link = study_link(runs, paths.study_summary, trial)
+    model_run = find_model_run(runs, sha)
+    name = params.registry.model_name
+    version = find_version(runs.client, name, sha)
+    tags = {**link, "pipeline_stage": "evaluate", "model_sha256": sha}
+    if model_run:
+        tags["retrain_run_id"] = model_run
+    if version is not None:
+        tags.update(registered_model=name, registered_model_version=version.version)
+    run_id = runs.start("evaluate", model_run or link.get("study_run_id"), tags)
+    status = FAILED
+    try:
+        runs.log(run_id, metrics={k: v for k, v in metrics.items()
+                                  if isinstance(v, (int, float))},
+                 params={"shipped_threshold": metrics["tuned_threshold"],
+                         "max_length": params.model.max_length})
+        for path in (paths.pr_curve, paths.roc_curve, paths.confusion):
+            runs.artifact(run_id, path, "plots")
+        runs.artifact(run_id, paths.predictions)
+        runs.artifact(run_id, paths.eval_metrics)
+        if version is not None:
+            for key, value in {"threshold": metrics["tuned_threshold"], "eval_run_id": run_id,
+                               "test_roc_auc": metrics["roc_auc"],
+                               "test_pr_auc": metrics["pr_auc"],
+                               "test_pos_f1": metrics["tuned_pos_f1"]}.items():
+                runs.client.set_model_version_tag(name, version.version, key, str(value))
+        status = FINISHED
+    finally:
+        runs.end(run_id, status)
+    return {"run_id": run_id, "version": version.version if version is not None else ""}
+
+
 def run(params: Params) -> dict[str, Any]:
     paths = params.paths
     pairs = pd.read_csv(paths.pairs, keep_default_na=False)
@@ -67,7 +118,7 @@ def run(params: Params) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(paths.model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(paths.model_dir)
-    device = pick_device(params.train.device, params.train.cpu_threads)
+    device = pick_device(params.train.device, params.train.cpu_threads, params.train.precision)
     model.to(device.torch)
     enc = encode_pairs(tokenizer, test["criterion"], test["sentence"], test["label"],
                        params.model.max_length)
@@ -98,7 +149,8 @@ def run(params: Params) -> dict[str, Any]:
         "pair_id": test["pair_id"], "post_id": test["post_id"],
         "criterion_id": test["criterion_id"], "label": labels, "probability": probs,
         "baseline_probability": base_probs}), digits=6))
-    return metrics
+    registry = log_eval_run(params, metrics, best.get("trial"))
+    return {**metrics, "mlflow": registry}
 
 
 def main() -> None:
@@ -107,6 +159,12 @@ def main() -> None:
           f"{m['pr_auc']:.4f}; pos_f1 {m['pos_f1']:.4f} at 0.5, {m['tuned_pos_f1']:.4f} at the "
           f"tuned {m['tuned_threshold']:.3f}; TF-IDF baseline pos_f1 {m['baseline_pos_f1']:.4f} "
           f"pr_auc {m['baseline_pr_auc']:.4f}")
+    if m["mlflow"]["version"]:
+        print(f"evaluate: registered model version {m['mlflow']['version']} carries threshold "
+              f"{m['tuned_threshold']:.4f}")
+    else:
+        print("evaluate: no registered model version has this model's hash (run retrain to "
+              "register it); metrics logged to MLflow only")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Set ``PIPELINE_FAULT`` to ``<kind>@trial=<n>[,fold=<k>][,step=<s>]`` (several se
 * ``error`` raise a RuntimeError
 * ``kill``  SIGKILL the process that trains (the trial's child process, or the worker)
 * ``hang``  sleep for an hour (a worker to be killed from outside while its trial is RUNNING)
+* ``delay`` sleep ``ms`` milliseconds, then go on (parallel trials finishing in another order)
 
 ``trial=-1`` matches every trial.
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 ENV = "PIPELINE_FAULT"
-KINDS = ("oom", "nan", "error", "kill", "hang")
+KINDS = ("oom", "nan", "error", "kill", "hang", "delay")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Fault:
     trial: int
     fold: int = 0
     step: int = 1
+    ms: int = 0  # delay only
 
     def trigger(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """Called by the engine at every optimizer step of the targeted fold."""
@@ -47,6 +49,9 @@ class Fault:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.kind == "hang":
             time.sleep(3600)
+        if self.kind == "delay":
+            time.sleep(self.ms / 1000)
+            return loss
         return loss * float("nan")
 
 

@@ -12,131 +12,88 @@ Writes  paths.study_db      the study (persisted: a rerun resumes it, see dvc.ya
 Logs    MLflow: a parent run per study (reused on resume) > a run per trial > a run per fold
         with per-epoch metrics.
 
-The study's name is a fingerprint of everything that defines the objective (data and folds,
-search space, model, training settings, metric, aggregation, sampler, pruner, seed), so changing
-any of them starts a new study, while raising ``hpo.n_trials`` extends the same one: the study
-must hold ``n_trials`` finished (complete or pruned) trials and only the missing ones run. The
-outputs describe the first ``n_trials`` finished trials, so they depend on params alone.
+The study (pipeline/study.py) must hold ``hpo.n_trials`` finished (complete or pruned) trials;
+only the missing ones run, and the outputs describe the first ``n_trials`` finished trials, so
+they depend on params alone.
+
+Trials run in **waves** of up to ``hpo.n_jobs``, each in its own process on its own slot (CPU
+cores or a GPU: pipeline/trial_process.py). A wave's trials are asked one after the other from a
+sampler seeded by the study's history, and none of them is told to Optuna before the whole wave
+has ended. So every suggestion and every pruning decision sees exactly the trials of the earlier
+waves, finished, and the wave's earlier trials as RUNNING: the study is the same at any timing,
+and the same after a kill and rerun (README, "Parallel trials").
 
 ``python -m pipeline.hpo --worker`` joins the study that params.yaml defines (same storage, from
-any machine) and runs trials until the study holds n_trials finished ones; it writes nothing. The
-stage does the same, then waits for trials still running elsewhere and writes the outputs.
+any machine) and runs waves until the study holds n_trials finished trials; it writes nothing.
+Trials of several processes interleave as their timing falls, so a study with extra workers is not
+reproducible. The stage does the same, then waits for trials still running elsewhere and writes
+the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
-import json
-import socket
+import os
 import time
-import warnings
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
-import yaml
-from optuna.trial import FrozenTrial, TrialState
-from tqdm.auto import tqdm
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import TrialState
 
+from pipeline import faults
 from pipeline.common import StageError, run_stage
-from pipeline.engine import ENCODE_STATS, derive_seed, encode_pairs
+from pipeline.engine import ENCODE_STATS, encode_pairs
 from pipeline.model import load_tokenizer
-from pipeline.objective import CrossValidation, fold_indices
-from pipeline.params import Params, YamlLoader, load_params
+from pipeline.objective import CrossValidation, TrialRun, fold_indices, open_places
+from pipeline.params import Params, load_params
+from pipeline.progress import progress
 from pipeline.storage import StudyStorage
-from pipeline.study_outputs import FINISHED_STATES, primary, write_outputs
+from pipeline.study import (
+    make_pruner,
+    make_sampler,
+    study_definition,
+    study_name,
+    warm_start_points,
+)
+from pipeline.study_outputs import FINISHED_STATES, write_outputs
 from pipeline.tracking import FAILED, FINISHED, KILLED, RunTree
+from pipeline.trial_process import (
+    Failed,
+    FoldEnd,
+    Slot,
+    TrialProcess,
+    child_context,
+    estimate_trial_mb,
+    plan_slots,
+    wait_any,
+)
 
 POLL_SECONDS = 2.0
 
 
-def study_definition(params: Params, pairs_digest: str,
-                     warm_start: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Everything that defines the objective; n_trials and storage are deliberately absent."""
-    train = params.train
-    return {
-        "objectives": [params.hpo.metric, *params.hpo.objectives],
-        "warm_start": warm_start or [],
-        "pairs_sha256": pairs_digest,  # the prepared data, its split and its folds
-        "n_folds": params.prepare.n_folds,
-        "seed": params.seed,
-        "model": asdict(params.model),
-        "train": {"negatives_per_positive": train.negatives_per_positive,
-                  "early_stopping_patience": train.early_stopping_patience},
-        "metric": params.hpo.metric,
-        "fold_aggregation": params.hpo.fold_aggregation,
-        "sampler": asdict(params.hpo.sampler),
-        "pruner": _pruner_definition(params),
-        "search_space": {name: asdict(p) for name, p in params.hpo.search_space.items()},
-    }
+@dataclass
+class WaveStats:
+    """What the waves of this process cost: slot-seconds spent waiting at the wave barrier."""
+
+    waves: int = 0
+    trials: int = 0
+    slot_seconds: float = 0.0  # wave wall time x slots used, summed over waves
+    idle_seconds: float = 0.0  # of which a slot's trial had ended and it waited for the wave
+
+    @property
+    def idle_fraction(self) -> float:
+        return self.idle_seconds / self.slot_seconds if self.slot_seconds else 0.0
 
 
-def _pruner_definition(params: Params) -> dict[str, Any]:
-    """The pruner's settings that act: the percentile only defines a percentile pruner."""
-    d = asdict(params.hpo.pruner)
-    if d["name"] != "percentile":
-        d.pop("percentile")
-    return d
-
-
-def study_name(prefix: str, definition: dict[str, Any]) -> str:
-    blob = json.dumps(definition, sort_keys=True, default=list).encode()
-    return f"{prefix}-{hashlib.sha256(blob).hexdigest()[:12]}"
-
-
-def make_sampler(params: Params, n_existing: int, worker: bool) -> optuna.samplers.BaseSampler:
-    """TPE (or random) with every setting we rely on written out (Optuna 5 changed defaults).
-
-    The seed includes the number of trials already in the study, so a resumed study does not
-    replay the startup points of the first run; an extra worker also mixes in its host and pid.
-    """
-    s = params.hpo.sampler
-    keys = ("sampler", n_existing, socket.gethostname(), time.time_ns()) if worker else \
-        ("sampler", n_existing)
-    seed = derive_seed(params.seed, *keys)
-    if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # `group` is marked experimental; we choose it knowingly (focal_* exist only for focal loss).
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna.samplers.TPESampler(
-        n_startup_trials=s.n_startup_trials,
-        n_ei_candidates=24,
-        multivariate=s.multivariate,
-        group=s.group,
-        constant_liar=s.constant_liar,
-        seed=seed,
-    )
-
-
-def make_pruner(params: Params) -> optuna.pruners.BasePruner:
-    p = params.hpo.pruner
-    if p.name == "none":
-        return optuna.pruners.NopPruner()
-    # One report per fold (step = fold index), so interval 1 and warmup counted in folds.
-    if p.name == "percentile":  # median = percentile 50; a lower percentile prunes more
-        return optuna.pruners.PercentilePruner(
-            p.percentile, n_startup_trials=p.n_startup_trials,
-            n_warmup_steps=p.n_warmup_steps, interval_steps=1)
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps, interval_steps=1)
-
-
-class _Progress:
-    """A trials progress bar and the failure budget of this process, as an Optuna callback."""
-
-    def __init__(self, n_trials: int, done: int) -> None:
-        self.bar = tqdm(total=n_trials, initial=min(done, n_trials), desc="trials")
-        self.failures: list[str] = []
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state in FINISHED_STATES:
-            self.bar.update(1)
-        elif trial.state == TrialState.FAIL and not trial.user_attrs.get("surplus"):
-            self.failures.append(f"trial {trial.number}: {trial.user_attrs.get('fail_reason')}")
+# The waves run by this process (for bench/study_speed.py and the MLflow study run).
+WAVE_STATS = WaveStats()
 
 
 def _counts(study: optuna.Study) -> dict[TrialState, int]:
@@ -146,87 +103,115 @@ def _counts(study: optuna.Study) -> dict[TrialState, int]:
     return counts
 
 
-def run_trials(study: optuna.Study, objective: CrossValidation, storage: StudyStorage,
-               params: Params) -> _Progress:
-    """Run trials in this process until the study holds hpo.n_trials finished trials.
-
-    Several processes may do this at once on one storage: each starts a trial only while the
-    finished, running and queued trials leave room, and a trial that still finds the study full
-    when it starts gives its place up (it ends FAIL, flagged surplus, without any work).
-    """
-    n, max_failures = params.hpo.n_trials, params.hpo.max_failures
-    progress = _Progress(n, _counts(study)[TrialState.COMPLETE] + _counts(study)[
-        TrialState.PRUNED])
-    while len(progress.failures) <= max_failures:
-        storage.fail_dead_trials(study)
-        c = _counts(study)
-        finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
-        if finished >= n:
-            break
-        if finished + c[TrialState.RUNNING] >= n and not c[TrialState.WAITING]:
-            time.sleep(POLL_SECONDS)  # the last trials are running elsewhere
-            continue
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress],
-                       gc_after_trial=True)
-    progress.bar.close()
-    if len(progress.failures) > max_failures:
-        raise StageError(
-            f"hpo: {len(progress.failures)} trials failed in this run, more than "
-            f"hpo.max_failures={max_failures}; last: {progress.failures[-1]}")
-    return progress
+def _finished(study: optuna.Study) -> int:
+    c = _counts(study)
+    return c[TrialState.COMPLETE] + c[TrialState.PRUNED]
 
 
-def wait_for_running(study: optuna.Study, storage: StudyStorage) -> None:
+def close_dead_trials(study: optuna.Study, storage: StudyStorage, runs: RunTree) -> None:
+    """Fail (and queue a retry of) dead workers' trials; close their MLflow runs."""
+    for trial in storage.fail_dead_trials(study):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            reason = trial.user_attrs.get("fail_reason") or "worker died (no heartbeat)"
+            runs.close_open_children(run_id, KILLED)
+            runs.log(run_id, tags={"fail_reason": reason})
+            runs.end(run_id, FAILED)
+
+
+class Scheduler:
+    """Runs the study's missing trials in waves on this process's slots."""
+
+    def __init__(self, study: optuna.Study, cv: CrossValidation, storage: StudyStorage,
+                 params: Params, runs: RunTree, slots: list[Slot], worker: bool) -> None:
+        self.study, self.cv, self.storage, self.params = study, cv, storage, params
+        self.runs, self.slots, self.worker = runs, slots, worker
+        self.context = child_context(params.model.name) if params.hpo.isolate_trials else None
+        self.fault_spec = os.environ.get(faults.ENV, "")
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        """Until the study holds hpo.n_trials finished trials (or too many failed here)."""
+        n, max_failures = self.params.hpo.n_trials, self.params.hpo.max_failures
+        bar = progress(desc="trials", total=n, initial=min(_finished(self.study), n), plain=True)
+        while len(self.failures) <= max_failures:
+            close_dead_trials(self.study, self.storage, self.runs)
+            finished = _finished(self.study)
+            if finished >= n:
+                break
+            free = open_places(self.study, n)
+            if free <= 0:
+                time.sleep(POLL_SECONDS)  # the last trials are running elsewhere
+                continue
+            # A fresh sampler per wave, seeded by the history it will see (pipeline/study.py).
+            self.study.sampler = make_sampler(self.params, finished, self.worker)
+            wave = [r for r in (self.cv.start(self.study)
+                                for _ in range(min(len(self.slots), free))) if r is not None]
+            if not wave:
+                continue
+            self.run_wave(wave)
+            for r in sorted(wave, key=lambda r: r.number):  # tell in trial order
+                state = self.cv.finish(self.study, r)
+                if state in FINISHED_STATES:
+                    bar.update(1, note=f"trial {r.number} {state.name}")
+                elif state == TrialState.FAIL:
+                    self.failures.append(f"trial {r.number}: {r.error}")
+        bar.close()
+        if len(self.failures) > max_failures:
+            raise StageError(
+                f"hpo: {len(self.failures)} trials failed in this run, more than "
+                f"hpo.max_failures={max_failures}; last: {self.failures[-1]}")
+
+    def run_wave(self, wave: list[TrialRun]) -> None:
+        """Compute the wave's trials at once, one per slot, answering their events."""
+        start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            for r in wave:  # database storages: a dead stage's trials go stale
+                stack.enter_context(get_heartbeat_thread(r.trial._trial_id, self.study._storage))
+            if self.context is None:  # in this process (hpo.isolate_trials: false, n_jobs 1)
+                for r in wave:
+                    r.run_here(self.cv.runner, self.fault_spec)
+            else:
+                self._pump(wave)
+        end = time.perf_counter()
+        WAVE_STATS.waves += 1
+        WAVE_STATS.trials += len(wave)
+        WAVE_STATS.slot_seconds += (end - start) * len(wave)
+        WAVE_STATS.idle_seconds += sum(end - (r.ended_at or end) for r in wave)
+
+    def _pump(self, wave: list[TrialRun]) -> None:
+        # A shorter wave (the study's last) shares all the cores among its trials.
+        slots = self.slots if len(wave) == len(self.slots) else \
+            _slots(self.params, self.study, len(wave))
+        processes = {}
+        for r, slot in zip(wave, slots, strict=True):
+            r.trial.set_user_attr("slot", slot.describe())
+            processes[TrialProcess(self.context, self.cv.runner, r.hp, r.number, r.seed_number,
+                                   slot, self.fault_spec)] = r
+        pending = list(processes)
+        try:
+            while pending:
+                for process in wait_any(pending, timeout=1.0):
+                    run = processes[process]
+                    event = process.receive()
+                    answer = run.handle(event)
+                    if isinstance(event, FoldEnd):
+                        process.answer(bool(answer))
+                    elif run.ended_at is not None:  # Finished or Failed
+                        pending.remove(process)
+                        process.close()
+        finally:
+            for process, run in processes.items():
+                if process in pending:  # interrupted: the trial stays RUNNING for a retry
+                    process.close(wait=0)
+                    run.handle(Failed("the stage stopped during the trial"))
+
+
+def wait_for_running(study: optuna.Study, storage: StudyStorage, runs: RunTree) -> None:
     """Until no trial is RUNNING (other workers finishing, or dead ones going stale)."""
     while _counts(study)[TrialState.RUNNING]:
-        storage.fail_dead_trials(study)
+        close_dead_trials(study, storage, runs)
         time.sleep(POLL_SECONDS)
-
-
-def _in_space(params: Params, point: dict[str, Any]) -> dict[str, Any]:
-    """The part of ``point`` that is a valid value of a searched hyperparameter."""
-    kept = {}
-    for name, p in params.hpo.search_space.items():
-        value = point.get(name)
-        if value is None or not p.searched:
-            continue
-        if any(point.get(k, kept.get(k)) != v for k, v in p.when.items()):
-            continue
-        if p.type == "categorical":
-            ok = value in p.choices
-        else:
-            ok = isinstance(value, (int, float)) and p.low <= value <= p.high
-        if ok:
-            kept[name] = int(value) if p.type == "int" else value
-    return kept
-
-
-def warm_start_points(params: Params, storage: StudyStorage) -> list[dict[str, Any]]:
-    """hpo.warm_start resolved to the points to enqueue first (only valid values are kept)."""
-    spec = params.hpo.warm_start
-    if not spec:
-        return []
-    if spec.startswith("study:"):
-        try:
-            other = optuna.load_study(study_name=spec[len("study:"):], storage=storage.optuna)
-        except KeyError as err:
-            raise StageError(f"params.yaml: hpo.warm_start: no study '{spec[6:]}' in "
-                             f"{storage.redacted}") from err
-        complete = [t for t in other.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-        complete.sort(key=lambda t: (-primary(t), t.number))
-        points = [t.params for t in complete[: params.hpo.warm_start_trials]]
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise StageError(f"params.yaml: hpo.warm_start: {path} not found (a best-params "
-                             "YAML written by export_best, or study:<name>)")
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {}
-        points = [doc.get("hyperparameters") or {}]
-    unique: list[dict[str, Any]] = []
-    for point in map(lambda p: _in_space(params, p), points):
-        if point and point not in unique:
-            unique.append(point)
-    return unique
 
 
 def _tokenised(params: Params) -> tuple[pd.DataFrame, bytes]:
@@ -235,14 +220,14 @@ def _tokenised(params: Params) -> tuple[pd.DataFrame, bytes]:
     return pairs[pairs["split"] == "train"].reset_index(drop=True), pairs_bytes
 
 
-def _close_dead_trial_runs(runs: RunTree, trial: FrozenTrial) -> None:
-    """A dead worker's trial: its MLflow trial run FAILED, any fold run left open KILLED."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        reason = trial.user_attrs.get("fail_reason") or "worker died (no heartbeat)"
-        runs.close_open_children(run_id, KILLED)
-        runs.log(run_id, tags={"fail_reason": reason})
-        runs.end(run_id, FAILED)
+def _slots(params: Params, study: optuna.Study, n_jobs: int) -> list[Slot]:
+    """``n_jobs`` slots, checked against this machine and the memory trials of this study used."""
+    trials = study.get_trials(deepcopy=False)
+    rss = [t.user_attrs["peak_rss_mb"] for t in trials if t.user_attrs.get("peak_rss_mb")]
+    gpu = [t.user_attrs["peak_gpu_mb"] for t in trials if t.user_attrs.get("peak_gpu_mb")]
+    trial_mb = max(rss) if rss else estimate_trial_mb(params.model.name)
+    return plan_slots(n_jobs, params.hpo.devices, params.train.device,
+                      params.train.cpu_threads, trial_mb, max(gpu) if gpu else None)
 
 
 def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> dict[str, Any]:
@@ -255,8 +240,7 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
     hpo = params.hpo
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pairs, pairs_bytes = _tokenised(params)
-    runs: RunTree | None = None  # bound below; the storage calls back only during trials
-    storage = StudyStorage(params, on_dead_trial=lambda t: _close_dead_trial_runs(runs, t))
+    storage = StudyStorage(params)
     points = warm_start_points(params, storage)
     definition = study_definition(params, hashlib.sha256(pairs_bytes).hexdigest(), points)
     name = study_name(hpo.study_prefix, definition)
@@ -273,17 +257,18 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
         if not study.trials:
             for point in points:  # warm start: earlier best points are the first trials
                 study.enqueue_trial(point, skip_if_exists=True)
-        study.set_user_attr("definition", definition)
+        if study.user_attrs.get("definition") != definition:
+            study.set_user_attr("definition", definition)
         parent = runs.study_run(study.user_attrs.get("mlflow_run_id"), name,
                                 {"optuna.study_name": name, "optuna.storage": storage.redacted})
-        study.set_user_attr("mlflow_run_id", parent)
-    study.sampler = make_sampler(params, len(study.trials), worker)
-    c = _counts(study)
-    resumed = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
+        if study.user_attrs.get("mlflow_run_id") != parent:
+            study.set_user_attr("mlflow_run_id", parent)
+    resumed = _finished(study)
     parent_status = FAILED
     try:
-        storage.fail_dead_trials(study)
+        close_dead_trials(study, storage, runs)
         if resumed < hpo.n_trials:
+            slots = _slots(params, study, hpo.n_jobs)
             tokenizer = load_tokenizer(params.model.name)
             start = time.perf_counter()
             enc = encode_pairs(tokenizer, pairs["criterion"], pairs["sentence"],
@@ -291,13 +276,14 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
             runs.log(parent, {"tokenize_seconds": time.perf_counter() - start,
                               "tokenized_pairs": len(enc)})
             folds = fold_indices(pairs["fold"].to_numpy(), params.prepare.n_folds)
-            objective = CrossValidation(params, enc, folds, runs, parent)
-            run_trials(study, objective, storage, params)
+            cv = CrossValidation(params, enc, folds, runs, parent)
+            Scheduler(study, cv, storage, params, runs, slots, worker).run()
+            runs.log(parent, {"wave_idle_fraction": WAVE_STATS.idle_fraction,
+                              "waves": WAVE_STATS.waves})
         if worker:
-            c = _counts(study)
-            return {"study_name": name, "finished": c[TrialState.COMPLETE] + c[
-                TrialState.PRUNED], "tokenize_calls": ENCODE_STATS["calls"]}
-        wait_for_running(study, storage)
+            return {"study_name": name, "finished": _finished(study),
+                    "tokenize_calls": ENCODE_STATS["calls"]}
+        wait_for_running(study, storage, runs)
         if storage.snapshot_needed():
             storage.snapshot(study, params.paths.study_db)
         metrics = write_outputs(study, params, resumed, storage.redacted, runs, parent)

@@ -48,19 +48,53 @@ class Device:
     def torch(self) -> torch.device:
         return torch.device(self.type)
 
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16: what train.precision resolved to (recorded on every run)."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
-def pick_device(requested: str, cpu_threads: int = 0) -> Device:
-    """``auto``: CUDA with bf16 autocast (fp16 where bf16 is unsupported), else CPU."""
+
+def cpu_has_bf16() -> bool:
+    """True when PyTorch's CPU kernels can use bf16 units (AMX tiles or AVX512-BF16).
+
+    Without them bf16 autocast runs emulated and is slower than fp32, so ``auto`` keeps fp32.
+    """
+    checks = [getattr(torch.cpu, name, None)
+              for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if any(check is not None for check in checks):
+        return any(check() for check in checks if check is not None)
+    try:  # older torch: the kernel's flags
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_device(requested: str, cpu_threads: int = 0, precision: str = "auto") -> Device:
+    """The device (``auto``: CUDA when available, else CPU) and train.precision resolved on it.
+
+    ``auto`` precision: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs with
+    bf16 units (:func:`cpu_has_bf16`), fp32 elsewhere.
+    """
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return Device("cuda", amp)
-    # CPU: one intra-op thread per core; more threads than cores only contend.
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return Device("cuda", _AMP[precision])
+    if precision == "fp16":
+        raise ParamsError("params.yaml: train.precision: fp16 needs a CUDA device (loss "
+                          "scaling); on a CPU use auto, bf16 or fp32")
+    # CPU: one intra-op thread per core we may use; more threads than cores only contend.
     torch.set_num_threads(cpu_threads or len(os.sched_getaffinity(0)))
-    return Device("cpu", None)
+    if precision == "auto":
+        precision = "bf16" if cpu_has_bf16() else "fp32"
+    return Device("cpu", _AMP[precision])
+
+
+_AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_tokenizer(name: str):

@@ -1,59 +1,91 @@
 """The objective of the hpo stage: one trial = k-fold cross-validation of a fine-tune.
 
 The data are tokenised once (by the caller) and the folds and their negative subsamples are fixed
-for the whole study; a trial suggests hyperparameters, fine-tunes once per fold, reports the
+for the whole study. A trial suggests hyperparameters, fine-tunes once per fold, reports the
 running aggregate after every fold (step = fold index) so that the pruner can stop a poor trial
-early, and returns the aggregate. A trial that raises is FAIL with its reason, never PRUNED.
+early, and ends with the aggregate. A trial that raises is FAIL with its reason, never PRUNED.
 
-With ``hpo.isolate_trials`` the folds run in a child process. A CUDA out-of-memory error, a
-segfault or the OOM killer then ends only that process, and the GPU memory PyTorch would not give
-back is released with it, so the next trial starts clean. The child only computes; it sends
-events (fold started, epoch done, fold done) to the parent, which does all the Optuna and MLflow
-I/O and answers "prune?" after each fold. Children come from a fork server whose process has
-imported the libraries but never run torch (a plain fork of a process whose OpenMP pool has run
-deadlocks, and CUDA cannot be used in a forked child), so starting one costs milliseconds.
+The work is split so that several trials can run at once (pipeline/hpo.py schedules them):
+:meth:`CrossValidation.start` asks Optuna for a trial and opens its MLflow run, the
+:class:`FoldRunner` computes its folds (in a child process: pipeline/trial_process.py), its
+:class:`TrialRun` turns the fold events into MLflow runs, user attributes and pruning answers,
+and :meth:`CrossValidation.finish` gives Optuna the result.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import multiprocessing as mp
-import os
-import signal
 import statistics
+import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
-from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from pipeline import faults
-from pipeline.engine import Encoded, Hyperparameters, derive_seed, fine_tune, subsample_negatives
+from pipeline.common import derive_seed
+from pipeline.engine import Encoded, Hyperparameters, fine_tune, subsample_negatives
 from pipeline.metrics import best_f1_threshold, classification_metrics
-from pipeline.model import pick_device, resolve_model_path
+from pipeline.model import pick_device
 from pipeline.params import Params, SearchParam
+from pipeline.progress import progress
 from pipeline.storage import worker_identity
 from pipeline.tracking import FAILED, FINISHED, KILLED, RunTree
+from pipeline.trial_process import (
+    EpochEnd,
+    Event,
+    Failed,
+    Finished,
+    FoldEnd,
+    FoldStart,
+    peak_memory,
+)
 
+# The scheduler (pipeline/hpo.py) keeps each trial's heartbeat itself while it runs trials with
+# ask/tell, which Optuna warns about on every ask.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used",
+                        category=UserWarning)
 AGGREGATE = {"mean": statistics.fmean, "median": statistics.median, "min": min, "max": max}
 # Trials that hold one of the study's n_trials places (FAIL ones give theirs up).
 SLOT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 # What a retried trial inherits from the dead one but must not keep.
 PER_ATTEMPT_ATTRS = ("fail_reason", "mlflow_run_id", "surplus", "threshold", "oof_pos_f1",
-                     "oof_pos_f1_tuned", "oof_pr_auc", "objectives")
+                     "oof_pos_f1_tuned", "oof_pr_auc", "objectives", "precision", "slot",
+                     "peak_rss_mb", "peak_gpu_mb")
 
 
-class SurplusTrial(RuntimeError):
-    """The study already had its n_trials trials when this one started (a race of workers)."""
+def open_places(study: optuna.Study, n_trials: int) -> int:
+    """How many trials may start now: the study's n_trials places less the finished and running
+    trials (queued ones, e.g. retries of dead workers' trials, are started first)."""
+    held = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                    TrialState.RUNNING))
+    return n_trials - len(held)
 
 
-class TrialProcessError(RuntimeError):
-    """The trial's child process failed; the message is the child's error or its exit."""
+def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """True when the trials before this one already hold all n_trials places (another worker
+    started one between this process's count and its ask)."""
+    earlier = [t for t in study.get_trials(deepcopy=False, states=SLOT_STATES)
+               if t.number < trial.number]
+    return len(earlier) >= n_trials
+
+
+def seed_index(study: optuna.Study, trial: optuna.Trial) -> int:
+    """The number the trial's fold seeds derive from: its position in the study, not counting
+    earlier attempts that died and were retried (or surplus trials). A retry inherits the dead
+    attempt's index (user attribute ``seed_trial``, copied to the retry with the others). So a
+    study resumed after a kill computes what the uninterrupted study computed, trial by trial."""
+    inherited = trial.user_attrs.get("seed_trial")
+    if isinstance(inherited, int):
+        return inherited
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    skipped = sum(t.number < trial.number and t.state == TrialState.FAIL
+                  and (t.number in retried or bool(t.user_attrs.get("surplus"))) for t in trials)
+    return trial.number - skipped
 
 
 def suggest(trial: optuna.Trial, space: dict[str, SearchParam]) -> Hyperparameters:
@@ -78,38 +110,111 @@ def fold_indices(folds: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.n
     return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(n_folds)]
 
 
-class _TrialEvents:
-    """Parent side of a trial: turns fold events into MLflow runs, user attrs and reports."""
+@dataclass
+class FoldRunner:
+    """The compute of a trial: fine-tune and validate fold by fold. Picklable, so that it can
+    run in a child process; it talks to the rest of the trial only through ``emit``."""
 
-    def __init__(self, trial: optuna.Trial, params: Params, runs: RunTree, run_id: str,
-                 folds: list[tuple[np.ndarray, np.ndarray]], labels: np.ndarray) -> None:
-        self.trial, self.params, self.runs, self.run_id = trial, params, runs, run_id
-        self.folds, self.labels = folds, labels
-        self.n_folds = len(folds)
-        self.oof = np.full(len(labels), np.nan)  # out-of-fold probabilities
-        self.scores: list[float] = []
-        self.epochs = 0
-        self.fit_seconds: list[float] = []
-        self.fold_run: str | None = None
-        self.pruned: str | None = None
+    params: Params
+    enc: Encoded
+    folds: list[tuple[np.ndarray, np.ndarray]]
 
-    def __call__(self, event: tuple) -> bool | None:
-        kind = event[0]
-        if kind == "fold_start":
-            _, fold, seed = event
-            self.fold_run = self.runs.child(
-                self.run_id, f"trial-{self.trial.number}-fold-{fold}",
-                {"optuna.trial_number": self.trial.number, "fold": fold, "seed": seed})
-        elif kind == "epoch":
-            _, _, epoch, record = event
-            self.runs.log(self.fold_run, record, step=epoch)
-        elif kind == "fold_end":
-            return self._fold_end(*event[1:])
+    def run(self, hp: Hyperparameters, number: int, seed_number: int,
+            emit: Callable[[Event], bool | None], fault_spec: str | None = None) -> bool:
+        """True when every fold ran; False when ``emit`` answered "prune" after a fold.
+
+        Fold seeds come from ``seed_number`` (:func:`seed_index`), faults from ``number``.
+        """
+        train = self.params.train
+        device = pick_device(train.device, train.cpu_threads, train.precision)
+        for fold, (train_idx, val_idx) in enumerate(
+                progress(self.folds, f"trial {number} fold", plain=True, leave=False)):
+            seed = derive_seed(self.params.seed, "trial", seed_number, "fold", fold)
+            emit(FoldStart(fold, seed, device.precision))
+            result = fine_tune(
+                self.params.model, train, hp, self.enc, train_idx, seed, device,
+                val_idx=val_idx, monitor=self.params.hpo.metric,
+                on_epoch=lambda epoch, record, fold=fold: emit(EpochEnd(fold, epoch, record)),
+                desc=f"trial {number} fold {fold}",
+                fault=faults.for_fold(number, fold, fault_spec),
+            )
+            summary = {
+                **result.metrics, "seed": seed, "epochs_run": result.epochs_run,
+                "best_epoch": result.best_epoch, "train_samples": result.train_samples,
+                "train_seconds": round(result.train_seconds, 3),
+                "eval_seconds": round(result.eval_seconds, 3),
+                "padding_fraction": round(result.padding_fraction, 4),
+            }
+            if emit(FoldEnd(fold, summary, result.val_probs)):
+                return False
+        return True
+
+
+@dataclass
+class TrialRun:
+    """One running trial, on the stage's side: its Optuna trial, MLflow runs and outcome.
+
+    :meth:`handle` takes the trial's events in order. Nothing here calls ``study.tell``: the
+    scheduler does, so that it decides when other trials can see this one finished.
+    """
+
+    trial: optuna.Trial
+    hp: Hyperparameters
+    seed_number: int
+    params: Params
+    runs: RunTree
+    run_id: str
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    labels: np.ndarray
+    scores: list[float] = field(default_factory=list)
+    epochs: int = 0
+    fit_seconds: list[float] = field(default_factory=list)
+    fold_run: str | None = None
+    pruned: str | None = None  # why, once the pruner stopped the trial
+    error: str | None = None  # why, once the trial failed
+    completed: bool = False
+    ended_at: float | None = None  # time.perf_counter() when its process finished
+
+    def __post_init__(self) -> None:
+        self.oof = np.full(len(self.labels), np.nan)  # out-of-fold probabilities
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    def handle(self, event: Event) -> bool | None:
+        """Record one event; for a FoldEnd, answer whether the trial must stop (prune)."""
+        try:
+            if isinstance(event, FoldStart):
+                self._fold_start(event)
+            elif isinstance(event, EpochEnd):
+                self.runs.log(self.fold_run, event.record, step=event.epoch)
+            elif isinstance(event, FoldEnd):
+                return self._fold_end(event)
+            elif isinstance(event, Finished):
+                self.completed = event.completed and self.pruned is None and self.error is None
+                self._peaks(event.peak_rss_mb, event.peak_gpu_mb)
+                self.ended_at = time.perf_counter()
+            elif isinstance(event, Failed):
+                self.error = self.error or event.message
+                self.ended_at = time.perf_counter()
+        except Exception as err:  # e.g. a non-finite fold score: the trial fails, and says why
+            self.error = f"{type(err).__name__}: {err}"
+            return True
         return None
 
-    def _fold_end(self, fold: int, summary: dict[str, Any], probs: np.ndarray) -> bool:
-        hpo = self.params.hpo
-        self.oof[self.folds[fold][1]] = probs
+    def _fold_start(self, event: FoldStart) -> None:
+        if event.fold == 0:
+            self.trial.set_user_attr("precision", event.precision)
+            self.runs.log(self.run_id, tags={"precision": event.precision})
+        self.fold_run = self.runs.child(
+            self.run_id, f"trial-{self.number}-fold-{event.fold}",
+            {"optuna.trial_number": self.number, "fold": event.fold, "seed": event.seed,
+             "precision": event.precision})
+
+    def _fold_end(self, event: FoldEnd) -> bool:
+        hpo, fold, summary = self.params.hpo, event.fold, event.summary
+        self.oof[self.folds[fold][1]] = event.probs
         self.epochs += summary["epochs_run"]
         self.fit_seconds.append(summary["train_seconds"] + summary["eval_seconds"])
         self.trial.set_user_attr(f"fold{fold}", summary)
@@ -126,10 +231,24 @@ class _TrialEvents:
         if len(self.trial.study.directions) > 1:
             return False  # Optuna cannot prune multi-objective trials
         self.trial.report(running, step=fold)
-        if fold + 1 < self.n_folds and self.trial.should_prune():
+        if fold + 1 < len(self.folds) and self.trial.should_prune():
             self.pruned = f"{hpo.fold_aggregation} {hpo.metric} {running:.4f} after fold {fold}"
             return True
         return False
+
+    def _peaks(self, rss_mb: float, gpu_mb: float | None) -> None:
+        """Peak memory of the trial's process: what the next run's hpo.n_jobs check uses."""
+        self.trial.set_user_attr("peak_rss_mb", rss_mb)
+        if gpu_mb is not None:
+            self.trial.set_user_attr("peak_gpu_mb", gpu_mb)
+
+    def run_here(self, runner: FoldRunner, fault_spec: str | None) -> None:
+        """Compute the folds in this process (hpo.isolate_trials: false)."""
+        try:
+            done = runner.run(self.hp, self.number, self.seed_number, self.handle, fault_spec)
+            self.handle(Finished(done, *peak_memory()))
+        except Exception as err:
+            self.handle(Failed(f"{type(err).__name__}: {err}"[:5000]))
 
     def objective(self, name: str) -> float:
         """An extra objective of a multi-objective study (both are costs: minimised)."""
@@ -146,90 +265,10 @@ class _TrialEvents:
         return {"threshold": threshold, "oof_pos_f1_tuned": f1,
                 "oof_pos_f1": default["pos_f1"], "oof_pr_auc": default["pr_auc"]}
 
-    def close(self, status: str) -> None:
-        if self.fold_run is not None:
-            self.runs.end(self.fold_run, status)
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this child if its parent dies (a kill -9 of the stage)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class FoldRunner:
-    """The compute of a trial: fine-tune and validate fold by fold. Picklable, so that it can
-    run in a child process; it talks to the rest of the trial only through ``emit``."""
-
-    params: Params
-    enc: Encoded
-    folds: list[tuple[np.ndarray, np.ndarray]]
-
-    def run(self, hp: Hyperparameters, number: int, emit: Callable[[tuple], bool | None],
-            fault_spec: str | None = None) -> bool:
-        """True when every fold ran; False when ``emit`` answered "prune" after a fold."""
-        device = pick_device(self.params.train.device, self.params.train.cpu_threads)
-        for fold, (train_idx, val_idx) in enumerate(
-                tqdm(self.folds, desc=f"trial {number} folds", leave=False)):
-            seed = derive_seed(self.params.seed, "trial", number, "fold", fold)
-            emit(("fold_start", fold, seed))
-            result = fine_tune(
-                self.params.model, self.params.train, hp, self.enc, train_idx, seed, device,
-                val_idx=val_idx, monitor=self.params.hpo.metric,
-                on_epoch=lambda epoch, record, fold=fold: emit(("epoch", fold, epoch, record)),
-                desc=f"trial {number} fold {fold}",
-                fault=faults.for_fold(number, fold, fault_spec),
-            )
-            summary = {
-                **result.metrics, "seed": seed, "epochs_run": result.epochs_run,
-                "best_epoch": result.best_epoch, "train_samples": result.train_samples,
-                "train_seconds": round(result.train_seconds, 3),
-                "eval_seconds": round(result.eval_seconds, 3),
-                "padding_fraction": round(result.padding_fraction, 4),
-            }
-            if emit(("fold_end", fold, summary, result.val_probs)):
-                return False
-        return True
-
-
-def _child_main(conn, runner: FoldRunner, hp: Hyperparameters, number: int,
-                fault_spec: str) -> None:
-    """Entry point of a trial's child process: run the folds, relay events over ``conn``."""
-    _die_with_parent()
-
-    def emit(event: tuple) -> bool | None:
-        conn.send(event)
-        return conn.recv() if event[0] == "fold_end" else None
-
-    try:
-        conn.send(("done", runner.run(hp, number, emit, fault_spec)))
-    except BaseException as err:  # reported to the parent, which fails the trial
-        conn.send(("error", f"{type(err).__name__}: {err}"[:5000]))
-    finally:
-        conn.close()
-
-
-def _child_context(model_name: str) -> mp.context.BaseContext | None:
-    """The fork server (Linux); None where there is none.
-
-    Its process imports this module and the model's modeling code once, so that a trial's
-    child starts with them loaded (transformers imports model code lazily, ~1 s per process).
-    """
-    if "forkserver" not in mp.get_all_start_methods():
-        return None
-    preload = [__name__]
-    with contextlib.suppress(Exception):  # unknown model type: just no preload
-        model_type = AutoConfig.from_pretrained(resolve_model_path(model_name)).model_type
-        preload.append(f"transformers.models.{model_type.replace('-', '_')}."
-                       f"modeling_{model_type.replace('-', '_')}")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(preload)
-    return ctx
-
 
 class CrossValidation:
-    """The Optuna objective. Data, folds and negative subsamples are fixed at construction."""
+    """The Optuna objective, in two halves. Data, folds and negative subsamples are fixed at
+    construction, so every trial of the study sees the same ones."""
 
     def __init__(self, params: Params, enc: Encoded, folds: list[tuple[np.ndarray, np.ndarray]],
                  runs: RunTree, parent_run: str) -> None:
@@ -242,15 +281,20 @@ class CrossValidation:
                  for k, (train, val) in enumerate(folds)]
         # compact(): only the tokens of this table (see engine.shrink_embeddings)
         self.runner = FoldRunner(params, enc.compact(), fixed)
-        self.context = _child_context(params.model.name) if params.hpo.isolate_trials else None
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def start(self, study: optuna.Study) -> TrialRun | None:
+        """Ask for the next trial (a queued one first) and open its MLflow run.
+
+        None when another worker filled the study's last place meanwhile: the trial is told
+        FAIL, flagged ``surplus``, without any work.
+        """
         hpo = self.params.hpo
-        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=SLOT_STATES)
-                   if t.number < trial.number]
-        if len(earlier) >= hpo.n_trials:
+        trial = study.ask()
+        if is_surplus(study, trial, hpo.n_trials):
             trial.set_user_attr("surplus", True)
-            raise SurplusTrial(f"the study already has its {hpo.n_trials} trials")
+            trial.set_user_attr("fail_reason", f"the study already has its {hpo.n_trials} trials")
+            study.tell(trial, state=TrialState.FAIL)
+            return None
         for key in trial.user_attrs:  # a retry starts clean
             if key.startswith("fold") or key in PER_ATTEMPT_ATTRS:
                 trial.set_user_attr(key, None)
@@ -258,77 +302,44 @@ class CrossValidation:
             trial.set_user_attr(key, value)
         hp = suggest(trial, hpo.search_space)
         trial.set_user_attr("hyperparameters", hp.as_dict())
+        seed_number = seed_index(study, trial)
+        trial.set_user_attr("seed_trial", seed_number)
         run_id = self.runs.child(self.parent_run, f"trial-{trial.number}",
-                                 {"optuna.study_name": trial.study.study_name,
-                                  "optuna.trial_number": trial.number,
-                                  **worker_identity()})
+                                 {"optuna.study_name": study.study_name,
+                                  "optuna.trial_number": trial.number, **worker_identity()})
         trial.set_user_attr("mlflow_run_id", run_id)
         self.runs.log(run_id, params=hp.as_dict())
-        events = _TrialEvents(trial, self.params, self.runs, run_id, self.runner.folds,
-                              self.runner.enc.labels)
-        status = FAILED
-        try:
-            if self.context is None:
-                completed = self.runner.run(hp, trial.number, events)
-            else:
-                completed = self._run_in_child(hp, trial.number, events)
-            if not completed:
-                status = KILLED
-                raise optuna.TrialPruned(events.pruned)
-            value = AGGREGATE[hpo.fold_aggregation](events.scores)
-            tuned = events.threshold()
-            for key, v in tuned.items():
-                trial.set_user_attr(key, v)
-            extra = {name: events.objective(name) for name in hpo.objectives}
-            trial.set_user_attr("objectives", extra)
-            self.runs.log(run_id, {"value": value, **tuned, **extra})
-            status = FINISHED
-            return (value, *extra.values()) if extra else value
-        except optuna.TrialPruned:
-            raise
-        except Exception as err:  # the trial FAILs (never PRUNED) and says why; the study goes on
-            reason = str(err) if isinstance(err, TrialProcessError) else \
-                f"{type(err).__name__}: {err}"
-            trial.set_user_attr("fail_reason", reason[:1000])
-            self.runs.log(run_id, tags={"fail_reason": reason[:5000]})
-            raise
-        finally:
-            events.close(status)
-            self.runs.log(run_id, tags={"optuna.folds_run": len(events.scores)})
-            self.runs.end(run_id, status)
+        return TrialRun(trial, hp, seed_number, self.params, self.runs, run_id,
+                        self.runner.folds, self.runner.enc.labels)
 
-    def _run_in_child(self, hp: Hyperparameters, number: int, events: _TrialEvents) -> bool:
-        """FoldRunner.run in a child process; this process answers its events."""
-        here, there = self.context.Pipe()
-        spec = os.environ.get(faults.ENV, "")
-        child = self.context.Process(target=_child_main,
-                                     args=(there, self.runner, hp, number, spec),
-                                     daemon=True, name=f"trial-{number}")
-        child.start()
-        there.close()
+    def finish(self, study: optuna.Study, run: TrialRun) -> TrialState:
+        """Tell Optuna how the trial ended, record why, close its MLflow runs."""
+        hpo = self.params.hpo
+        status, values = FAILED, None
         try:
-            while True:
-                if not here.poll(0.5):
-                    if not child.is_alive():
-                        break
-                    continue
-                try:
-                    event = here.recv()
-                except EOFError:
-                    break
-                if event[0] == "done":
-                    return event[1]
-                if event[0] == "error":
-                    raise TrialProcessError(event[1])
-                reply = events(event)
-                if event[0] == "fold_end":
-                    here.send(reply)
-            child.join(5)
-            code = child.exitcode
-            hint = " (killed: out of host memory?)" if code == -signal.SIGKILL else ""
-            raise TrialProcessError(f"the trial's process died with exit code {code}{hint}")
-        finally:
-            if child.is_alive():
-                child.kill()
-            child.join()
-            here.close()
+            if run.error is None and run.pruned is None and run.completed:
+                value = AGGREGATE[hpo.fold_aggregation](run.scores)
+                tuned = run.threshold()
+                for key, v in tuned.items():
+                    run.trial.set_user_attr(key, v)
+                extra = {name: run.objective(name) for name in hpo.objectives}
+                run.trial.set_user_attr("objectives", extra)
+                self.runs.log(run.run_id, {"value": value, **tuned, **extra})
+                values, status = [value, *extra.values()], FINISHED
+            elif run.error is None and run.pruned is not None:
+                status = KILLED
+            elif run.error is None:
+                run.error = "the trial's process ended without finishing its folds"
+        except Exception as err:  # the threshold or an objective could not be computed
+            run.error, status = f"{type(err).__name__}: {err}", FAILED
+        if status == FAILED:
+            run.trial.set_user_attr("fail_reason", run.error[:1000])
+            self.runs.log(run.run_id, tags={"fail_reason": run.error[:5000]})
+        if run.fold_run is not None:
+            self.runs.end(run.fold_run, status)
+        self.runs.log(run.run_id, tags={"optuna.folds_run": len(run.scores)})
+        self.runs.end(run.run_id, status)
+        state = {FINISHED: TrialState.COMPLETE, KILLED: TrialState.PRUNED,
+                 FAILED: TrialState.FAIL}[status]
+        study.tell(run.trial, values if state == TrialState.COMPLETE else None, state=state)
+        return state

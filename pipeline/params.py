@@ -1,30 +1,48 @@
 """Typed, validated view of ``params.yaml``.
 
-Every stage calls :func:`load_params`; it checks the whole file against the dataclasses below and
-stops with a message that names the offending key (and lists the valid ones) instead of letting a
-typo such as ``dvc exp run -S hpo.ntrials=5`` be silently ignored. Paths live here too (section
-``paths``), so each path is written once: ``dvc.yaml`` reads them with ``${paths.*}``.
+Every stage calls :func:`load_params`; pydantic checks the whole file against the frozen
+dataclasses below (strict types, no unknown keys) and the first problem becomes one line that
+names the key and lists the valid values or keys, so a typo such as
+``dvc exp run -S hpo.ntrials=5`` fails loudly instead of being ignored. Paths live here too
+(section ``paths``), so each path is written once: ``dvc.yaml`` reads them with ``${paths.*}``.
+
+The sections are pydantic dataclasses, so ``dataclasses.asdict`` and ``dataclasses.replace``
+work on them, and building or replacing one with a bad value raises :class:`ParamsError` too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from pydantic import (
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from typing_extensions import dataclass_transform
 
 PARAMS_FILE = "params.yaml"
 
-METRICS = ("macro_f1", "pos_f1", "roc_auc", "pr_auc")
-AGGREGATIONS = ("mean", "median", "min", "max")
-LOSSES = ("weighted_ce", "focal")
+Metric = Literal["macro_f1", "pos_f1", "roc_auc", "pr_auc"]
+Aggregation = Literal["mean", "median", "min", "max"]
+METRICS: tuple[str, ...] = typing.get_args(Metric)
+AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
 
 
 class ParamsError(ValueError):
@@ -32,66 +50,129 @@ class ParamsError(ValueError):
 
 
 class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-05`` is a float (YAML 1.2), as DVC writes it.
+    """PyYAML's safe loader, but ``1e-05`` and ``1.5e5`` are floats (YAML 1.2), as DVC writes them.
 
     ``dvc exp run -S x=0.00001`` rewrites params.yaml with ``x: 1e-05``, which plain PyYAML (YAML
-    1.1: a float needs a dot) would read as a string.
+    1.1: a float needs a dot and a signed exponent) would read as a string.
     """
 
 
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """What a trial chooses: the search space's eight names, each with its type and range.
+
+    The ranges (pydantic ``Field`` bounds) bind every value of ``hpo.search_space``; a
+    Hyperparameters built in code is not range-checked (tests probe divergence with lr 1e30).
+    """
+
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)]
+    per_device_train_batch_size: Annotated[int, Field(ge=1)]
+    num_train_epochs: Annotated[int, Field(ge=1)]
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)]
+    weight_decay: Annotated[float, Field(ge=0.0)]
+    loss_function: Literal["weighted_ce", "focal"]
+    focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
+    focal_alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.loss_function != "focal":  # not used, not reported
+            d.pop("focal_gamma")
+            d.pop("focal_alpha")
+        return d
+
+
+# Each hyperparameter's declared type (bounds included) and its plain Python type.
+_HP_HINTS: dict[str, Any] = typing.get_type_hints(Hyperparameters, include_extras=True)
+HYPERPARAMETERS: dict[str, type] = {
+    name: type(typing.get_args(tp)[0]) if typing.get_origin(tp) is Literal else tp
+    for name, tp in typing.get_type_hints(Hyperparameters).items()
+}
+LOSSES: tuple[str, ...] = typing.get_args(_HP_HINTS["loss_function"])
+# strict: a string is not a number and a bool is not an int; an int is a fine float
+_HP_VALUES = {name: TypeAdapter(tp, config=ConfigDict(strict=True, allow_inf_nan=False))
+              for name, tp in _HP_HINTS.items()}
+
+# Sections: unknown keys and inf/nan are errors; strictness is per field (StrictInt, ...) because
+# pydantic's strict mode would also refuse a mapping for a nested section.
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+@dataclass_transform(frozen_default=True)
+def _section(key: str) -> Any:
+    """A frozen pydantic dataclass for the params section ``key`` that raises ParamsError."""
+
+    def wrap(cls: type) -> type:
+        cls = pydantic_dataclass(frozen=True, config=_CONFIG)(cls)
+        validate = cls.__init__
+
+        @functools.wraps(validate)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                validate(self, *args, **kwargs)
+            except ValidationError as err:
+                raise _params_error(err, cls, kwargs, key) from None
+
+        cls.__init__ = __init__
+        return cls
+
+    return wrap
+
+
+@_section("paths")
 class Paths:
     """Every file the pipeline reads or writes; dvc.yaml interpolates the same values."""
 
-    data_dir: str
-    posts: str
-    annotations: str
-    criteria: str
-    pairs: str
-    splits: str
-    study_db: str
-    trials: str
-    fold_metrics: str
-    study_summary: str
-    importance: str
-    pareto: str
-    optuna_plots: str
-    hpo_history_plot: str
-    hpo_importance_plot: str
-    hpo_folds_plot: str
-    best_params: str
-    model_dir: str
-    data_metrics: str
-    hpo_metrics: str
-    eval_metrics: str
-    pr_curve: str
-    roc_curve: str
-    confusion: str
-    predictions: str
+    data_dir: StrictStr
+    posts: StrictStr
+    annotations: StrictStr
+    criteria: StrictStr
+    pairs: StrictStr
+    splits: StrictStr
+    study_db: StrictStr
+    trials: StrictStr
+    fold_metrics: StrictStr
+    study_summary: StrictStr
+    importance: StrictStr
+    pareto: StrictStr
+    optuna_plots: StrictStr
+    hpo_history_plot: StrictStr
+    hpo_importance_plot: StrictStr
+    hpo_folds_plot: StrictStr
+    best_params: StrictStr
+    model_dir: StrictStr
+    data_metrics: StrictStr
+    data_summary: StrictStr
+    hpo_metrics: StrictStr
+    eval_metrics: StrictStr
+    pr_curve: StrictStr
+    roc_curve: StrictStr
+    confusion: StrictStr
+    predictions: StrictStr
 
 
-@dataclass(frozen=True)
+@_section("prepare")
 class PrepareParams:
-    test_size: float
-    n_folds: int
+    test_size: StrictFloat
+    n_folds: StrictInt
 
     def __post_init__(self) -> None:
         _check(0.0 < self.test_size < 1.0, "prepare.test_size", "must be in (0, 1)")
         _check(self.n_folds >= 2, "prepare.n_folds", "must be at least 2")
 
 
-@dataclass(frozen=True)
+@_section("model")
 class ModelParams:
-    name: str
-    max_length: int
-    num_hidden_layers: int | None = None
+    name: StrictStr
+    max_length: StrictInt
+    num_hidden_layers: StrictInt | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")
@@ -100,15 +181,18 @@ class ModelParams:
             _check(self.num_hidden_layers >= 1, "model.num_hidden_layers", "must be >= 1 or null")
 
 
-@dataclass(frozen=True)
+@_section("train")
 class TrainParams:
-    negatives_per_positive: int
-    eval_batch_size: int
-    max_device_batch_size: int
-    early_stopping_patience: int
-    cpu_threads: int
+    negatives_per_positive: StrictInt
+    eval_batch_size: StrictInt
+    max_device_batch_size: StrictInt
+    early_stopping_patience: StrictInt
+    cpu_threads: StrictInt
     device: Literal["auto", "cpu", "cuda"]
-    compile: bool = False
+    compile: StrictBool = False
+    # auto: bf16 autocast on CUDA with bf16 (fp16 without) and on CPUs with AMX or AVX512-BF16;
+    # fp32 elsewhere. fp16 needs CUDA (loss scaling).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.negatives_per_positive >= 0, "train.negatives_per_positive", "must be >= 0")
@@ -118,13 +202,13 @@ class TrainParams:
         _check(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0: all cores)")
 
 
-@dataclass(frozen=True)
+@_section("hpo.sampler")
 class SamplerParams:
     name: Literal["tpe", "random"]
-    n_startup_trials: int
-    multivariate: bool
-    group: bool
-    constant_liar: bool
+    n_startup_trials: StrictInt
+    multivariate: StrictBool
+    group: StrictBool
+    constant_liar: StrictBool
 
     def __post_init__(self) -> None:
         _check(self.n_startup_trials >= 0, "hpo.sampler.n_startup_trials", "must be >= 0")
@@ -135,12 +219,13 @@ class SamplerParams:
         )
 
 
-@dataclass(frozen=True)
+@_section("hpo.pruner")
 class PrunerParams:
     name: Literal["median", "percentile", "none"]
-    n_startup_trials: int
-    n_warmup_steps: int
-    percentile: float  # percentile pruner: keep the trials in the top `percentile` % per fold
+    n_startup_trials: StrictInt
+    n_warmup_steps: StrictInt
+    # percentile pruner: keep the trials in the top `percentile` % at each fold
+    percentile: StrictFloat
 
     def __post_init__(self) -> None:
         _check(0 < self.percentile < 100, "hpo.pruner.percentile",
@@ -149,9 +234,12 @@ class PrunerParams:
         _check(self.n_warmup_steps >= 0, "hpo.pruner.n_warmup_steps", "must be >= 0")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SearchParam:
-    """One hyperparameter: searched over a range or choices, or fixed to one value."""
+    """One hyperparameter: searched over a range or choices, or fixed to one value.
+
+    Built from a validated :class:`_SearchSpec` (or in tests); the constructor checks nothing.
+    """
 
     name: str
     type: Literal["float", "int", "categorical", "fixed"]
@@ -167,54 +255,62 @@ class SearchParam:
         return self.type != "fixed"
 
 
-# The hyperparameters a trial sets, with the type each must have (the engine's Hyperparameters).
-HYPERPARAMETERS: dict[str, type] = {
-    "learning_rate": float,
-    "per_device_train_batch_size": int,
-    "num_train_epochs": int,
-    "warmup_ratio": float,
-    "weight_decay": float,
-    "loss_function": str,
-    "focal_gamma": float,
-    "focal_alpha": float,
-}
-# Valid (low, high) bounds per hyperparameter; None means unbounded on that side.
-_BOUNDS: dict[str, tuple[float | None, float | None]] = {
-    "learning_rate": (0.0, 1.0),
-    "per_device_train_batch_size": (1, None),
-    "num_train_epochs": (1, None),
-    "warmup_ratio": (0.0, 1.0),
-    "weight_decay": (0.0, None),
-    "focal_gamma": (0.0, None),
-    "focal_alpha": (0.0, 1.0),
-}
+@pydantic_dataclass(frozen=True, config=_CONFIG)
+class _SearchSpec:
+    """The mapping form of a search-space entry; the checks that depend on the name follow."""
+
+    type: Literal["float", "int", "categorical"]
+    low: Any = None  # checked against the hyperparameter's type and range
+    high: Any = None
+    log: StrictBool = False
+    choices: list[Any] | None = None
+    when: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
+@_section("hpo")
 class HpoParams:
-    n_trials: int
-    metric: Literal["macro_f1", "pos_f1", "roc_auc", "pr_auc"]
-    fold_aggregation: Literal["mean", "median", "min", "max"]
-    storage: str | None
-    study_prefix: str
-    max_failures: int
-    max_retries: int
-    heartbeat_interval: int
-    grace_period: int
-    isolate_trials: bool
+    n_trials: StrictInt
+    metric: Metric
+    fold_aggregation: Aggregation
+    storage: StrictStr | None
+    study_prefix: StrictStr
+    max_failures: StrictInt
+    max_retries: StrictInt
+    heartbeat_interval: StrictInt
+    grace_period: StrictInt
+    isolate_trials: StrictBool
     importance_evaluator: Literal["fanova", "ped_anova", "mean_decrease_impurity"]
-    mlflow_experiment: str
+    mlflow_experiment: StrictStr
     sampler: SamplerParams
     pruner: PrunerParams
     search_space: dict[str, SearchParam]
     # Extra objectives (costs, minimised) after hpo.metric: a multi-objective study.
     objectives: list[Literal["epochs", "fold_fit_seconds"]] = field(default_factory=list)
     # Enqueue earlier best points first: a best-params YAML file, or study:<name> (same storage).
-    warm_start: str | None = None
-    warm_start_trials: int = 3
+    warm_start: StrictStr | None = None
+    warm_start_trials: StrictInt = 3
+    # Trials run at once by the stage, each in its own process (pipeline/trial_process.py).
+    n_jobs: StrictInt = 1
+    # Where those processes run. auto: round-robin over the visible CUDA GPUs, else disjoint
+    # sets of CPU cores; or a list of CUDA device indices.
+    devices: Literal["auto"] | list[StrictInt] = "auto"
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _parse_search_space(cls, raw: Any) -> dict[str, SearchParam]:
+        return _search_space(raw, "hpo.search_space")
 
     def __post_init__(self) -> None:
         _check(self.n_trials >= 1, "hpo.n_trials", "must be >= 1")
+        _check(self.n_jobs >= 1, "hpo.n_jobs", "must be >= 1")
+        _check(self.n_jobs == 1 or self.isolate_trials, "hpo.n_jobs",
+               "parallel trials run in child processes: needs hpo.isolate_trials: true")
+        _check(self.devices == "auto" or (bool(self.devices) and min(self.devices) >= 0),
+               "hpo.devices", "must be auto or a non-empty list of CUDA device indices")
+        _check(self.devices == "auto" or len(set(self.devices)) == len(self.devices),
+               "hpo.devices", "has duplicates")
+        _check(len(set(self.objectives)) == len(self.objectives), "hpo.objectives",
+               "has duplicates")
         _check(self.max_failures >= 0, "hpo.max_failures", "must be >= 0")
         _check(self.max_retries >= 0, "hpo.max_retries", "must be >= 0")
         _check(self.heartbeat_interval >= 1, "hpo.heartbeat_interval", "must be >= 1 (seconds)")
@@ -235,28 +331,43 @@ class HpoParams:
         _check(bool(self.study_prefix.strip()), "hpo.study_prefix", "must not be empty")
 
 
-@dataclass(frozen=True)
+@_section("export_best")
 class ExportBestParams:
     """How export_best chooses among the complete trials."""
 
     # best: highest objective value. mean_minus_k_se: highest fold mean - k standard errors,
     # i.e. prefer a trial that is good on every fold over one lucky fold.
     select: Literal["best", "mean_minus_k_se"]
-    k: float
+    k: StrictFloat
 
     def __post_init__(self) -> None:
         _check(self.k >= 0, "export_best.k", "must be >= 0")
 
 
-@dataclass(frozen=True)
+@_section("registry")
+class RegistryParams:
+    """Where retrain/evaluate put the model in MLflow's Model Registry."""
+
+    model_name: StrictStr
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model_name.strip()), "registry.model_name", "must not be empty")
+
+
+@_section("")
 class Params:
-    seed: int
+    seed: StrictInt
     paths: Paths
     prepare: PrepareParams
     model: ModelParams
     train: TrainParams
     hpo: HpoParams
     export_best: ExportBestParams
+    registry: RegistryParams
+
+
+_PARAMS = TypeAdapter(Params)
+_SPEC = TypeAdapter(_SearchSpec)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -264,165 +375,156 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ParamsError(f"{PARAMS_FILE}: {key}: {message}")
 
 
+# ---- pydantic's errors as one line: params.yaml: <dotted.key>: <what is wrong> ----
+
+# dataclasses report a forbidden extra key as an unexpected argument; invalid_key: not a string
+_UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _strip(tp: Any) -> Any:
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+
+
+def _locate(root: Any, loc: tuple) -> tuple[list[str | int], Any]:
+    """The leading items of ``loc`` that are params keys, and the annotation the last one has.
+
+    ``loc`` may go on into pydantic's own labels (a union member such as ``list[int]``)."""
+    parts: list[str | int] = []
+    tp = _strip(root)
+    for item in loc:
+        if dataclasses.is_dataclass(tp) and item in (hints := typing.get_type_hints(tp)):
+            tp = hints[item]
+        elif isinstance(item, int) and typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        else:
+            break
+        parts.append(item)
+    return parts, _strip(tp)
+
+
+def _dotted(prefix: str, parts: list[str | int]) -> str:
+    key = prefix
+    for part in parts:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _lookup(raw: Any, parts: list[str | int], default: Any) -> Any:
+    for part in parts:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return default
+    return raw
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(_type_name(_strip(a)) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is list:
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ParamsError(f"{PARAMS_FILE}: {key}: got {value!r}, expected {_type_name(tp)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ParamsError:
-                continue
-        raise ParamsError(f"{PARAMS_FILE}: {key}: got {value!r}, expected {_type_name(tp)}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ParamsError(f"{PARAMS_FILE}: {key}: got {value!r}, expected a list")
-        (item,) = typing.get_args(tp)
-        values = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        if len(set(map(repr, values))) != len(values):
-            raise ParamsError(f"{PARAMS_FILE}: {key}: has duplicates")
-        return values
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ParamsError(f"{PARAMS_FILE}: {key}: must be a finite number, got {value!r}")
-            return float(value)
-        if isinstance(value, str):
-            hint = " (YAML reads 2e-5 as a string: write 2.0e-5)" if "e" in value.lower() else ""
-            raise ParamsError(f"{PARAMS_FILE}: {key}: got the string {value!r}, expected a "
-                              f"number{hint}")
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+def _params_error(err: ValidationError, root: Any, raw: Any, prefix: str,
+                  subject: str | None = None) -> ParamsError:
+    """The first of pydantic's errors (unknown keys first) as one line naming the key.
+
+    ``root`` is what was validated (a section, or a type), ``raw`` its input, ``prefix`` its
+    dotted key; ``subject`` names the value in range errors (only hyperparameters have them)."""
+    e = min(err.errors(), key=lambda e: e["type"] not in _UNKNOWN)
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, ParamsError):  # a check of ours, already one line
+        return cause
+    loc = tuple(e["loc"])
+    if e["type"] in _UNKNOWN:
+        parts, parent = _locate(root, loc[:-1])
+        where = _dotted(prefix, parts)
+        valid = ", ".join(f.name for f in dataclasses.fields(parent))
+        return ParamsError(f"{PARAMS_FILE}: unknown key '{_dotted(where, [str(loc[-1])])}'; "
+                           f"valid keys under {where or 'the top level'}: {valid}")
+    parts, tp = _locate(root, loc)
+    key = _dotted(prefix, parts) or "the top level"
+    if e["type"] == "missing":
+        return ParamsError(f"{PARAMS_FILE}: missing key '{key}'")
+    value = _lookup(raw, parts, e["input"])
+    ctx = e.get("ctx") or {}
+    if e["type"] == "finite_number":
+        what = f"must be a finite number, got {value!r}"
+    elif bound := next((b for b in _BOUNDS if b in ctx), None):
+        what = f"{subject or key} must be {_BOUNDS[bound]} {ctx[bound]}, got {value}"
+    elif tp is float and isinstance(value, str):
+        what = f"got the string {value!r}, expected a number"
+        if re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+            what += f" (a number in quotes is a string: write {value.strip()} without them)"
     elif dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    else:  # pragma: no cover - only the annotations above are used
-        raise TypeError(f"unsupported annotation {tp!r}")
-    raise ParamsError(f"{PARAMS_FILE}: {key}: got {value!r}, expected {_type_name(tp)}")
+        what = f"expected a mapping, got {value!r}"
+    else:
+        what = f"got {value!r}, expected {_type_name(tp)}"
+    return ParamsError(f"{PARAMS_FILE}: {key}: {what}")
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from mapping ``raw``, naming unknown and missing keys."""
-    where = prefix or "the top level"
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{PARAMS_FILE}: {where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ParamsError(
-            f"{PARAMS_FILE}: unknown key '{name}'; valid keys under {where}: "
-            + ", ".join(fields)
-        )
-    values = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in raw:
-            has_default = (f.default is not dataclasses.MISSING
-                           or f.default_factory is not dataclasses.MISSING)
-            if has_default:
-                continue
-            raise ParamsError(f"{PARAMS_FILE}: missing key '{key}'")
-        if name == "search_space":
-            values[name] = _search_space(raw[name], key)
-        else:
-            values[name] = _coerce(raw[name], hints[name], key)
-    return cls(**values)
+# ---- the search space: one entry per Hyperparameters field ----
+
+def _hp_value(name: str, value: Any, key: str) -> Any:
+    """``value`` checked against hyperparameter ``name``'s type and range."""
+    try:
+        return _HP_VALUES[name].validate_python(value)
+    except ValidationError as err:
+        raise _params_error(err, _HP_HINTS[name], value, key, subject=name) from None
 
 
 def _search_param(name: str, raw: Any, key: str) -> SearchParam:
-    expected = HYPERPARAMETERS[name]
     if not isinstance(raw, dict):  # a single value fixes the hyperparameter
-        value = _coerce(raw, expected, key)
-        if name == "loss_function":
-            _check(value in LOSSES, key, f"got {value!r}, expected one of {', '.join(LOSSES)}")
-        _check_bounds(name, value, value, key)
-        return SearchParam(name=name, type="fixed", value=value)
-    allowed = ("type", "low", "high", "log", "choices", "when")
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise ParamsError(f"{PARAMS_FILE}: unknown key '{key}.{unknown[0]}'; valid fields: "
-                          + ", ".join(allowed))
-    kind = raw.get("type")
-    when = raw.get("when", {}) or {}
-    _check(isinstance(when, dict), f"{key}.when", "must map a hyperparameter to a value")
+        return SearchParam(name=name, type="fixed", value=_hp_value(name, raw, key))
+    try:
+        spec = _SPEC.validate_python(raw)
+    except ValidationError as err:
+        raise _params_error(err, _SearchSpec, raw, key) from None
+    when = spec.when or {}
     for other in when:
         _check(other in HYPERPARAMETERS and other != name, f"{key}.when",
                f"'{other}' is not another hyperparameter of the search space")
-    if kind == "categorical":
-        choices = raw.get("choices")
-        _check(isinstance(choices, list) and len(choices) >= 1, f"{key}.choices",
-               "must be a non-empty list")
-        values = tuple(_coerce(c, expected, f"{key}.choices") for c in choices)
-        _check(len(set(values)) == len(values), f"{key}.choices", "has duplicates")
-        if name == "loss_function":
-            bad = [v for v in values if v not in LOSSES]
-            _check(not bad, f"{key}.choices",
-                   f"unknown loss {bad[:1]}; expected {', '.join(LOSSES)}")
-        for v in values:
-            _check_bounds(name, v, v, f"{key}.choices")
-        _check("low" not in raw and "high" not in raw, key,
+    expected = HYPERPARAMETERS[name]
+    if spec.type == "categorical":
+        _check(spec.low is None and spec.high is None, key,
                "type categorical takes choices, not low/high")
+        _check(bool(spec.choices), f"{key}.choices", "must be a non-empty list")
+        values = tuple(_hp_value(name, c, f"{key}.choices[{i}]")
+                       for i, c in enumerate(spec.choices or ()))
+        _check(len(set(values)) == len(values), f"{key}.choices", "has duplicates")
         return SearchParam(name=name, type="categorical", choices=values, when=when)
-    _check(kind in ("float", "int"), f"{key}.type",
-           f"got {kind!r}, expected 'float', 'int' or 'categorical'")
+    kind = spec.type
     _check(expected is not str, f"{key}.type", f"{name} is a string: use type: categorical")
     _check(kind == "float" or expected is int, f"{key}.type", f"{name} is a float, not an int")
     _check(kind == "int" or expected is float, f"{key}.type", f"{name} is an int: use type: int")
-    _check("choices" not in raw, f"{key}.choices", f"only for type: categorical, not {kind}")
+    _check(spec.choices is None, f"{key}.choices", f"only for type: categorical, not {kind}")
     for bound in ("low", "high"):
-        _check(bound in raw, key, f"'{bound}' is required for type {kind}")
-    num = int if kind == "int" else float
-    low = _coerce(raw["low"], num, f"{key}.low")
-    high = _coerce(raw["high"], num, f"{key}.high")
-    log = _coerce(raw.get("log", False), bool, f"{key}.log")
+        _check(getattr(spec, bound) is not None, key, f"'{bound}' is required for type {kind}")
+    low = _hp_value(name, spec.low, f"{key}.low")
+    high = _hp_value(name, spec.high, f"{key}.high")
     _check(low <= high, key, f"low ({low}) > high ({high})")
-    _check(not log or low > 0, f"{key}.low", "must be > 0 when log: true")
-    _check_bounds(name, low, high, key)
-    return SearchParam(name=name, type=kind, low=low, high=high, log=log, when=when)
-
-
-def _check_bounds(name: str, low: Any, high: Any, key: str) -> None:
-    lo, hi = _BOUNDS.get(name, (None, None))
-    if lo is not None:
-        strict = name == "learning_rate"
-        ok = low > lo if strict else low >= lo
-        _check(ok, key, f"{name} must be {'>' if strict else '>='} {lo}, got {low}")
-    if hi is not None:
-        _check(high <= hi, key, f"{name} must be <= {hi}, got {high}")
+    _check(not spec.log or low > 0, f"{key}.low", "must be > 0 when log: true")
+    return SearchParam(name=name, type=kind, low=low, high=high, log=spec.log, when=when)
 
 
 def _search_space(raw: Any, key: str) -> dict[str, SearchParam]:
+    """Every hyperparameter's entry in Hyperparameters' order (``when`` names earlier ones)."""
+    if isinstance(raw, dict) and all(isinstance(p, SearchParam) for p in raw.values()):
+        return raw  # already built (dataclasses.replace in code and tests)
     _check(isinstance(raw, dict), key, "expected a mapping of hyperparameter -> spec")
-    unknown = sorted(set(raw) - set(HYPERPARAMETERS))
+    unknown = sorted(set(raw) - set(HYPERPARAMETERS), key=str)
     if unknown:
-        raise ParamsError(f"{PARAMS_FILE}: unknown key '{key}.{unknown[0]}'; valid "
-                          f"hyperparameters: {', '.join(HYPERPARAMETERS)}")
+        raise ParamsError(f"{PARAMS_FILE}: unknown key '{key}.{unknown[0]}'; valid keys under "
+                          f"{key}: {', '.join(HYPERPARAMETERS)}")
     missing = [n for n in HYPERPARAMETERS if n not in raw]
     if missing:
         raise ParamsError(f"{PARAMS_FILE}: missing key '{key}.{missing[0]}' (every "
@@ -439,7 +541,12 @@ def _search_space(raw: Any, key: str) -> dict[str, SearchParam]:
 
 def parse_params(raw: Any) -> Params:
     """Validate an already-loaded params mapping."""
-    return _build(Params, raw, "")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{PARAMS_FILE}: the top level: expected a mapping, got {raw!r}")
+    try:
+        return _PARAMS.validate_python(raw)
+    except ValidationError as err:
+        raise _params_error(err, Params, raw, "") from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -4,7 +4,11 @@ A profile is a flat map of params.yaml keys to values; this turns it into ``dvc 
 overrides, validates the result with the params loader first (a bad profile fails before DVC
 starts), and runs ``dvc exp run -n <name> -S ...``. Extra arguments go to ``dvc exp run``.
 
-Usage: ``python -m pipeline.profiles full [--queue] [--print]``
+DVC refuses an experiment name that the baseline commit already has, so the experiment is named
+after the profile, or ``<profile>-2``, ``<profile>-3``, ... when that name is taken (a second
+``make quick`` just works); ``--name`` gives it a name of your choice instead.
+
+Usage: ``python -m pipeline.profiles full [--name NAME] [--queue] [--print]``
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.common import run_stage
+from pipeline.common import StageError, run_stage
 from pipeline.params import PARAMS_FILE, ParamsError, YamlLoader, parse_params
 
 PROFILES_DIR = Path("profiles")
@@ -85,19 +89,40 @@ def apply(raw: dict[str, Any], profile: dict[str, Any], source: str) -> dict[str
     return merged
 
 
-def command(name: str, extra: list[str]) -> list[str]:
+def experiment_names() -> set[str]:
+    """Names of the experiments of the current baseline commit (the ones ``-n`` must avoid)."""
+    proc = subprocess.run(["dvc", "exp", "list", "--name-only"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageError(f"dvc exp list failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return set(proc.stdout.split())
+
+
+def fresh_name(profile: str, taken: set[str]) -> str:
+    """``profile`` if no experiment has that name yet, else the first free ``profile-N``."""
+    name, n = profile, 1
+    while name in taken:
+        n += 1
+        name = f"{profile}-{n}"
+    return name
+
+
+def command(name: str, extra: list[str], exp_name: str | None = None) -> list[str]:
+    """The ``dvc exp run`` command of profile ``name`` (a fresh experiment name unless given)."""
     profile = load_profile(name)
     raw = yaml.load(Path(PARAMS_FILE).read_text(encoding="utf-8"), Loader=YamlLoader)
     apply(raw, profile, str(PROFILES_DIR / f"{name}.yaml"))
-    return ["dvc", "exp", "run", "-n", name, *overrides(profile), *extra]
+    exp_name = exp_name or fresh_name(name, experiment_names())
+    return ["dvc", "exp", "run", "-n", exp_name, *overrides(profile), *extra]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
+    parser.add_argument("-n", "--name", dest="exp_name", default=None,
+                        help="experiment name (default: the profile's, or <profile>-N if taken)")
     parser.add_argument("--print", action="store_true", help="print the command, do not run it")
     args, extra = parser.parse_known_args()
-    cmd = command(args.name, extra)
+    cmd = command(args.name, extra, args.exp_name)
     print(shlex.join(cmd))
     if not args.print:
         sys.exit(subprocess.call(cmd))

@@ -23,8 +23,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from pipeline.common import StageError, run_stage, write_text
-from pipeline.engine import derive_seed
+from pipeline.common import StageError, derive_seed, run_stage, write_text
 from pipeline.metrics import classification_metrics
 from pipeline.params import Params, YamlLoader, load_params
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import socket
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -74,17 +73,12 @@ def _alive(pid: int) -> bool:
 class StudyStorage:
     """The Optuna storage of the study, and what happens to the trials of dead workers."""
 
-    def __init__(self, params: Params, on_dead_trial: Callable[[FrozenTrial], None]) -> None:
+    def __init__(self, params: Params) -> None:
         self.url = storage_url(params)
         self.params = params
-        self.on_dead_trial = on_dead_trial
+        # Queues a copy of a dead worker's trial (same hyperparameters) as WAITING.
         self.retry = RetryHeartbeatStaleTrialCallback(max_retry=params.hpo.max_retries)
         self.optuna = self._open()
-
-    def _stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Optuna's stale-trial callback: close the dead trial's MLflow runs, queue a retry."""
-        self.on_dead_trial(trial)
-        self.retry(study, trial)
 
     def _open(self) -> BaseStorage:
         if self.url.startswith(JOURNAL):
@@ -97,7 +91,7 @@ class StudyStorage:
         return RDBStorage(self.url, engine_kwargs=engine_kwargs,
                           heartbeat_interval=hpo.heartbeat_interval,
                           grace_period=hpo.grace_period,
-                          heartbeat_stale_trial_callback=self._stale)
+                          heartbeat_stale_trial_callback=self.retry)
 
     @property
     def redacted(self) -> str:
@@ -108,8 +102,10 @@ class StudyStorage:
         """SQLite and journal files live on this machine: their workers can be checked by pid."""
         return self.url.startswith(("sqlite:", JOURNAL))
 
-    def fail_dead_trials(self, study: optuna.Study) -> list[int]:
-        """Fail and retry RUNNING trials whose worker is gone; return their numbers.
+    def fail_dead_trials(self, study: optuna.Study) -> list[FrozenTrial]:
+        """Fail and retry RUNNING trials whose worker is gone; return them, now FAIL.
+
+        The caller closes what else the dead trials left open (their MLflow runs).
 
         Database storages: trials whose heartbeat is older than the grace period (Optuna).
         Local file storages, also: trials run on this host by a pid that no longer exists, so a
@@ -131,16 +127,16 @@ class StudyStorage:
                     self.optuna.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # another process got there first
-                self._stale(study, self.optuna.get_trial(t._trial_id))
+                self.retry(study, self.optuna.get_trial(t._trial_id))
         optuna.storages.fail_stale_trials(study)  # heartbeat; its trials get no fail_reason
         still = {t.number for t in study.get_trials(deepcopy=False,
                                                     states=(TrialState.RUNNING,))}
-        return sorted(running - still)
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                if t.number in running - still]
 
     def snapshot_needed(self) -> bool:
         """True when the study does not live in paths.study_db itself."""
         return self.url != f"sqlite:///{Path(self.params.paths.study_db).resolve()}"
-
 
     def snapshot(self, study: optuna.Study, path: str | Path) -> None:
         """Copy the study into a fresh SQLite file (the DVC output when it lives elsewhere)."""

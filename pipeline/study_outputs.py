@@ -2,14 +2,16 @@
 
 Everything describes the first ``hpo.n_trials`` finished trials (failed trials in between are
 listed, surplus ones are not), so the outputs depend on params alone: going back from 10 to 5
-trials reports what the 5-trial run reported. No run ids, pids or durations go into the tables
-(they are in the study and in MLflow), so a rerun writes the same bytes.
+trials reports what the 5-trial run reported. No absolute paths, run ids, pids, durations or
+counts of this run go into the files (they are in the study and in MLflow), and the plotly plots
+get fixed element ids, so a rerun on the same study writes the same bytes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,17 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.common import StageError, atomic_dir, round_floats, write_json, write_text
-from pipeline.engine import derive_seed
+from pipeline.common import (
+    StageError,
+    atomic_dir,
+    derive_seed,
+    round_floats,
+    write_json,
+    write_text,
+)
 from pipeline.params import HYPERPARAMETERS, METRICS, Params
-from pipeline.storage import redact
-from pipeline.tracking import RunTree, tracking_uri
+from pipeline.storage import JOURNAL
+from pipeline.tracking import RunTree
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FOLD_COLUMNS = ["trial", "fold", "state", "seed", "epochs_run", "best_epoch", "padding_fraction",
@@ -185,11 +193,23 @@ def _optuna_html(study: optuna.Study, trials: list[FrozenTrial], params: Params,
             except (ValueError, RuntimeError, ImportError) as err:  # e.g. too few trials
                 path.write_text(f"<p>{name}: not available ({err})</p>\n", encoding="utf-8")
             else:
-                # no plotly.js inline (3.5 MB each): the page loads it from its CDN
+                # no plotly.js inline (3.5 MB each): the page loads it from its CDN; a fixed
+                # div id (plotly draws a random one) keeps the bytes stable
                 figure.write_html(path, include_plotlyjs="cdn", full_html=True,
-                                  config={"responsive": True})
+                                  config={"responsive": True}, div_id=f"optuna-{name}")
             written.append(path)
     return written
+
+
+def portable_storage(url: str) -> str:
+    """The storage URL as it goes into a DVC output: a file inside the workspace relative to it
+    (an absolute path differs between clones and DVC's experiment copies)."""
+    root = Path.cwd().resolve()
+    for prefix in ("sqlite:///", JOURNAL):
+        path = Path(url[len(prefix):]) if url.startswith(prefix) else None
+        if path is not None and path.is_absolute() and path.resolve().is_relative_to(root):
+            return prefix + path.resolve().relative_to(root).as_posix()
+    return url
 
 
 def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: str,
@@ -229,18 +249,18 @@ def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: st
     importance = round_floats(importances(trials, params))
     summary = {
         "study_name": study.study_name,
-        "storage": storage,
+        "storage": portable_storage(storage),
         "directions": [d.name.lower() for d in study.directions],
         "objective": f"{hpo.fold_aggregation} over {n_folds} folds of {hpo.metric}",
         "extra_objectives": hpo.objectives,
         "n_trials": hpo.n_trials,
-        "trials_in_storage": len(study.trials),
-        "trials_reused": min(resumed, hpo.n_trials),
         "counts": counts,
         "best_trial": {"number": best.number, "value": round_floats(primary(best)),
                        "hyperparameters": best.user_attrs["hyperparameters"],
                        "fold_mean": best_row["fold_mean"], "fold_std": best_row["fold_std"]},
-        "mlflow": {"tracking_uri": redact(tracking_uri()), "study_run_id": parent},
+        # the study run: tag optuna.study_name in this experiment (its id is the study's user
+        # attribute mlflow_run_id; ids differ between clones, so none are written here)
+        "mlflow_experiment": hpo.mlflow_experiment,
         "definition": study.user_attrs["definition"],
     }
     write_text(paths.trials, to_csv(rows, list(rows[0])))
@@ -257,9 +277,13 @@ def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: st
         write_text(path, to_csv(table, columns))
     with atomic_dir(paths.optuna_plots) as tmp:  # written whole or not at all
         html = _optuna_html(study, trials, params, tmp)
-    write_json(paths.hpo_metrics, metrics)
+    # not key-sorted: this order (best value first) is the column order of `dvc exp show`
+    write_text(paths.hpo_metrics, json.dumps(metrics, indent=2) + "\n")
 
-    runs.log(parent, {**{k: v for k, v in metrics.items() if v is not None},
+    # facts about this run rather than the study: in MLflow, not in the DVC outputs
+    runs.log(parent, {"trials_in_storage": len(study.trials),
+                      "trials_reused": min(resumed, hpo.n_trials),
+                      **{k: v for k, v in metrics.items() if v is not None},
                       **{f"importance_{k}": v for k, v in importance["importances"].items()}})
     for path in (paths.trials, paths.fold_metrics, paths.study_summary, paths.importance,
                  paths.pareto):

@@ -83,7 +83,7 @@ PARAMS_CASES = {
                                 {"type": "float", "low": -1.0e-5, "high": 1.0e-4}),
                                "learning_rate must be > 0.0, got -1e-05"),
     "unknown loss": (("hpo.search_space", "loss_function", "hinge"),
-                     "loss_function: got 'hinge', expected one of weighted_ce, focal"),
+                     "loss_function: got 'hinge', expected one of 'weighted_ce', 'focal'"),
     "unknown metric": (("hpo", "metric", "accuracy"), "hpo.metric: got 'accuracy'"),
     "unknown aggregation": (("hpo", "fold_aggregation", "sum"),
                             "hpo.fold_aggregation: got 'sum'"),

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.common import derive_seed
 from pipeline.engine import (
     Hyperparameters,
-    derive_seed,
     encode_pairs,
     fine_tune,
     length_grouped_batches,

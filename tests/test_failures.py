@@ -85,6 +85,6 @@ def test_storage_from_the_environment_and_no_password_in_params(params, monkeypa
                                           f"{ENV}"):
         _hpo(params, storage="postgresql://hpo:s3cret@db.example/hpo")
     monkeypatch.setenv(ENV, f"sqlite:///{workdir / 'elsewhere.db'}")
-    storage = StudyStorage(params, print)
+    storage = StudyStorage(params)
     assert storage.url.endswith("elsewhere.db") and storage.snapshot_needed()
     assert redact("postgresql://hpo:s3cret@db/hpo") == "postgresql://hpo:***@db/hpo"

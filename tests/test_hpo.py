@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from pipeline import hpo, objective, prepare
 from pipeline.common import StageError
 from pipeline.params import ParamsError, SearchParam, load_params
 from pipeline.storage import storage_url
+from pipeline.study import make_pruner, study_definition, study_name
 from pipeline.tracking import tracking_uri, workspace_root
 
 
@@ -40,10 +42,10 @@ def _rows(path) -> list[dict]:
 
 def _add_finished_trials(params, values: list[float]) -> None:
     """Finished trials scoring ``value`` on both folds, in the study the hpo stage will open."""
-    definition = hpo.study_definition(params, hpo.hashlib.sha256(
+    definition = study_definition(params, hashlib.sha256(
         Path(params.paths.pairs).read_bytes()).hexdigest())
     study = optuna.create_study(storage=storage_url(params), direction="maximize",
-                                study_name=hpo.study_name(params.hpo.study_prefix, definition))
+                                study_name=study_name(params.hpo.study_prefix, definition))
     for value in values:
         study.add_trial(optuna.trial.create_trial(
             value=value, intermediate_values={0: value, 1: value},
@@ -73,9 +75,9 @@ def test_suggest_reads_the_search_space_and_skips_conditional_entries(params):
 
 
 def test_study_name_is_a_fingerprint_of_the_objective(params):
-    name = hpo.study_name("s", hpo.study_definition(params, "abc"))
-    assert name == hpo.study_name("s", hpo.study_definition(params, "abc"))
-    assert name == hpo.study_name("s", hpo.study_definition(_hpo(params, n_trials=99,
+    name = study_name("s", study_definition(params, "abc"))
+    assert name == study_name("s", study_definition(params, "abc"))
+    assert name == study_name("s", study_definition(_hpo(params, n_trials=99,
                                                                  storage="sqlite:///x"), "abc"))
     space = dict(params.hpo.search_space)
     space["num_train_epochs"] = SearchParam("num_train_epochs", "fixed", value=2)
@@ -91,15 +93,15 @@ def test_study_name_is_a_fingerprint_of_the_objective(params):
         replace(params, seed=params.seed + 1),
     ]
     for other in changed:
-        assert hpo.study_name("s", hpo.study_definition(other, "abc")) != name
-    assert hpo.study_name("s", hpo.study_definition(params, "abd")) != name
+        assert study_name("s", study_definition(other, "abc")) != name
+    assert study_name("s", study_definition(params, "abd")) != name
     # the percentile defines only a percentile pruner's study
     assert params.hpo.pruner.name == "median"
     other = _hpo(params, pruner=replace(params.hpo.pruner, percentile=10.0))
-    assert hpo.study_name("s", hpo.study_definition(other, "abc")) == name
+    assert study_name("s", study_definition(other, "abc")) == name
     percentile = _hpo(params, pruner=replace(params.hpo.pruner, name="percentile"))
-    assert hpo.study_name("s", hpo.study_definition(percentile, "abc")) != hpo.study_name(
-        "s", hpo.study_definition(replace(percentile, hpo=replace(
+    assert study_name("s", study_definition(percentile, "abc")) != study_name(
+        "s", study_definition(replace(percentile, hpo=replace(
             percentile.hpo, pruner=replace(percentile.hpo.pruner, percentile=10.0))), "abc"))
 
 
@@ -175,7 +177,7 @@ def test_percentile_pruner_prunes_a_trial_outside_the_kept_percentile(params):
     # so the median pruner would keep it, but a percentile pruner keeping the top 10% prunes it.
     pruner = replace(params.hpo.pruner, name="percentile", percentile=10.0, n_startup_trials=1)
     params = _hpo(params, pruner=pruner)
-    assert isinstance(hpo.make_pruner(params), optuna.pruners.PercentilePruner)
+    assert isinstance(make_pruner(params), optuna.pruners.PercentilePruner)
     _add_finished_trials(params, [1.0, 0.0, 0.0])
     metrics = hpo.run(_hpo(params, n_trials=4))
     trial = _study(params).trials[3]
@@ -191,9 +193,9 @@ def test_a_failing_trial_fails_with_its_reason_and_never_prunes(params):
     broken = _hpo(params, search_space=space, max_failures=0)
     with pytest.raises(StageError, match="more than hpo.max_failures=0"):
         hpo.run(broken)
-    definition = hpo.study_definition(broken, hpo.hashlib.sha256(
+    definition = study_definition(broken, hashlib.sha256(
         Path(params.paths.pairs).read_bytes()).hexdigest())
-    study = optuna.load_study(study_name=hpo.study_name("redsm5", definition),
+    study = optuna.load_study(study_name=study_name("redsm5", definition),
                               storage=storage_url(params))
     (trial,) = study.trials
     assert trial.state.name == "FAIL"

@@ -1,0 +1,177 @@
+"""Learning-curve table: a random-search study with every epoch of every fold validated.
+
+The input of ``bench/pruning_replay.py`` (a tabular benchmark, as HPO research compares pruners):
+trials drawn by Optuna's random sampler from ``hpo.search_space`` of params.yaml, each
+fine-tuned on every CV fold of the prepared sample (``paths.pairs``: its train split and ``fold``
+column, negatives subsampled per fold exactly as the hpo stage does), with no pruning and no
+early stopping, and validated after every epoch. The model is ``model.name`` cut to
+``--layers`` transformer layers (default 1) so that the whole table costs well under an hour of
+a 2-core CPU.
+
+One row per (trial, fold, epoch): the hyperparameters, the fold's seed, ``train_loss``, the
+validation metrics ``val_*``, and the wall-clock seconds of that epoch split in two:
+``train_seconds`` (from the previous epoch's end, or from the start of the fold for epoch 1, so
+it includes loading the model, to the start of validation) and ``eval_seconds`` (scoring every
+validation pair and computing the metrics). They add up to the fold's wall time.
+
+Resumable: ``--trials 0-9`` computes those trials and merges them into ``bench/results/curves.csv``
+(rows of other trials are kept; a row set recorded with another setup is refused). Trial ``n``
+has the same hyperparameters and seeds whichever chunk computes it.
+
+Usage: ``python bench/curves.py --trials 0-9`` (then 10-19, ...; needs ``dvc repro prepare``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CURVES = RESULTS / "curves.csv"
+# Hyperparameter columns in a fixed order (focal_* are empty for weighted_ce trials).
+HP_COLUMNS = ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "warmup_ratio",
+              "weight_decay", "loss_function", "focal_gamma", "focal_alpha")
+
+
+def parse_range(text: str) -> range:
+    """``3`` or ``0-9`` (inclusive) -> a range of trial numbers."""
+    first, _, last = text.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+def draw_trials(space: dict, seed: int, n: int) -> list[dict]:
+    """The hyperparameters of trials 0..n-1 from a seeded random sampler (same in every chunk)."""
+    import optuna
+
+    from pipeline.objective import suggest
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=seed))
+    drawn = []
+    for _ in range(n):
+        trial = study.ask()
+        drawn.append(suggest(trial, space).as_dict())
+        study.tell(trial, 0.0)
+    return drawn
+
+
+class _EvalClock:
+    """Marks when the engine starts validating an epoch (wraps ``pipeline.engine.predict``)."""
+
+    def __init__(self) -> None:
+        from pipeline import engine
+
+        self.started: float | None = None
+        self._predict = engine.predict
+
+        def timed(*args, **kwargs):
+            self.started = time.perf_counter()
+            return self._predict(*args, **kwargs)
+
+        engine.predict = timed
+
+
+def record(trials: range, layers: int) -> tuple[pd.DataFrame, str]:
+    """Fine-tune ``trials`` on every fold; one row per (trial, fold, epoch)."""
+    from pipeline.common import derive_seed
+    from pipeline.engine import Hyperparameters, encode_pairs, fine_tune, subsample_negatives
+    from pipeline.model import load_tokenizer, pick_device
+    from pipeline.objective import fold_indices
+    from pipeline.params import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    model = dataclasses.replace(params.model, num_hidden_layers=layers)
+    # no early stopping, and a patience no fold reaches: the engine validates every epoch
+    train = dataclasses.replace(params.train, early_stopping_patience=10**6)
+    setup = {"model": model.name, "layers": layers, "max_length": model.max_length,
+             "seed": params.seed, "n_folds": params.prepare.n_folds,
+             "negatives_per_positive": train.negatives_per_positive,
+             "search_space": {k: repr(v) for k, v in params.hpo.search_space.items()},
+             "metric": params.hpo.metric, "precision": train.precision}
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]
+
+    pairs = pd.read_csv(ROOT / params.paths.pairs, keep_default_na=False)
+    pairs = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    enc = encode_pairs(load_tokenizer(model.name), pairs["criterion"], pairs["sentence"],
+                       pairs["label"], model.max_length).compact()
+    folds = [(subsample_negatives(enc.labels, tr, train.negatives_per_positive,
+                                  derive_seed(params.seed, "negatives", k)), val)
+             for k, (tr, val) in enumerate(fold_indices(pairs["fold"].to_numpy(),
+                                                       params.prepare.n_folds))]
+    device = pick_device(train.device, train.cpu_threads, train.precision)
+    drawn = draw_trials(params.hpo.search_space, derive_seed(params.seed, "curves"),
+                        trials.stop)
+    clock = _EvalClock()
+    rows = []
+    for number in trials:
+        hp = drawn[number]
+        for fold, (train_idx, val_idx) in enumerate(folds):
+            seed = derive_seed(params.seed, "curves", number, "fold", fold)
+            mark = time.perf_counter()
+
+            def on_epoch(epoch: int, rec: dict, number=number, fold=fold, seed=seed,
+                         hp=hp) -> None:
+                nonlocal mark
+                now = time.perf_counter()
+                rows.append({"trial": number, **{k: hp.get(k) for k in HP_COLUMNS},
+                             "fold": fold, "seed": seed, "epoch": epoch, **rec,
+                             "train_seconds": round(clock.started - mark, 4),
+                             "eval_seconds": round(now - clock.started, 4),
+                             "precision": device.precision, "setup": digest})
+                mark = now
+
+            fine_tune(model, train, Hyperparameters(**hp), enc, train_idx, seed, device,
+                      val_idx=val_idx, monitor=params.hpo.metric, on_epoch=on_epoch,
+                      desc=f"trial {number} fold {fold}")
+        last = [r for r in rows if r["trial"] == number]
+        print(f"trial {number:3d}: {params.hpo.metric} per fold (last epoch) "
+              + ", ".join(f"{r['val_' + params.hpo.metric]:.3f}" for r in last
+                          if r["epoch"] == hp["num_train_epochs"])
+              + f"; {sum(r['train_seconds'] + r['eval_seconds'] for r in last):.1f} s",
+              flush=True)
+    return pd.DataFrame(rows), digest
+
+
+def merge(new: pd.DataFrame, digest: str, path: Path = CURVES) -> pd.DataFrame:
+    """Replace the rows of ``new``'s trials in ``path``; refuse rows of another setup."""
+    if path.is_file():
+        old = pd.read_csv(path)
+        other = set(old["setup"]) - {digest}
+        if other:
+            sys.exit(f"ERROR: {path}: rows recorded with another setup ({sorted(other)}, now "
+                     f"{digest}): move the file away to start a new table")
+        old = old[~old["trial"].isin(new["trial"].unique())]
+        new = pd.concat([old, new], ignore_index=True)
+    return new.sort_values(["trial", "fold", "epoch"]).reset_index(drop=True)
+
+
+def main() -> None:
+    from pipeline.common import atomic_path
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=parse_range, default=parse_range("0-29"),
+                        help="trial numbers to compute, e.g. 0-9 (inclusive)")
+    parser.add_argument("--layers", type=int, default=1,
+                        help="keep the first N transformer layers of model.name")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    new, digest = record(args.trials, args.layers)
+    table = merge(new, digest)
+    with atomic_path(CURVES) as tmp:
+        table.to_csv(tmp, index=False)
+    print(f"{CURVES.relative_to(ROOT)}: {table['trial'].nunique()} trials, {len(table)} rows "
+          f"({time.perf_counter() - start:.0f} s for trials {args.trials.start}-"
+          f"{args.trials.stop - 1})")
+
+
+if __name__ == "__main__":
+    main()
