@@ -16,7 +16,7 @@ help:
 	@echo "make test    the same set-up, then the whole test suite (slow tests included)"
 	@echo "make quick   dvc exp run with 10 trials;  make full: the DeBERTa-v3 GPU profile"
 	@echo "             (experiment quick, quick-2, ...; or NAME=my-exp)"
-	@echo "make bench   training-throughput and HPO-efficiency benchmarks (bench/results/)"
+	@echo "make bench   throughput, learning curves + pruning replay, HPO efficiency, study speed (hours)"
 	@echo "make report  Markdown report for a pull request: this workspace vs BASE (main)"
 	@echo "make predict  POSTS=posts.csv OUT=evidence.csv [MODEL=models:/NAME/V]: evidence sentences"
 	@echo "make lint    ruff"
@@ -56,6 +56,7 @@ bench: data
 	$(BIN)/python bench/curves.py --trials 0-29
 	$(BIN)/python bench/pruning_replay.py
 	$(BIN)/python bench/hpo_efficiency.py
+	$(BIN)/python bench/study_speed.py
 
 BASE ?= main
 report: install
