@@ -65,9 +65,10 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Pretty, key-sorted JSON (stable diffs in git and ``dvc metrics diff``)."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+def write_json(path: str | Path, obj: Any, sort_keys: bool = True) -> None:
+    """Pretty JSON, key-sorted unless the caller's order matters (``dvc exp show`` columns);
+    either way the same object gives the same bytes."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")
 
 
 def round_floats(obj: Any, digits: int = 6) -> Any:

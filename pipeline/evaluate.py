@@ -108,6 +108,21 @@ def log_eval_run(params: Params, metrics: dict[str, Any], trial: int | None) -> 
     return {"run_id": run_id, "version": version.version if version is not None else ""}
 
 
+def reviewer_order(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The test metrics in the order ``dvc exp show`` should show them: the model's headline
+    scores, then at the tuned threshold, the baseline, and the per-criterion scores and counts."""
+    head = ("pr_auc", "roc_auc", "macro_f1", "pos_f1")
+    groups = [
+        [k for k in head if k in metrics],
+        sorted(k for k in metrics if k.startswith("tuned_")),
+        [f"baseline_{k}" for k in head if f"baseline_{k}" in metrics],
+        sorted(k for k in metrics if k.startswith("baseline_") and k[9:] not in head),
+    ]
+    seen = {k for group in groups for k in group}
+    groups.append(sorted(k for k in metrics if k not in seen))
+    return {k: metrics[k] for group in groups for k in group}
+
+
 def run(params: Params) -> dict[str, Any]:
     paths = params.paths
     pairs = pd.read_csv(paths.pairs, keep_default_na=False)
@@ -135,7 +150,7 @@ def run(params: Params) -> dict[str, Any]:
     base = classification_metrics(labels, base_probs, base_threshold)
     metrics.update({f"baseline_{k}": v for k, v in base.items()})
     metrics["baseline_threshold"] = base_threshold
-    write_json(paths.eval_metrics, round_floats(metrics))
+    write_json(paths.eval_metrics, round_floats(reviewer_order(metrics)), sort_keys=False)
 
     precision, recall, _ = precision_recall_curve(labels, probs)
     fpr, tpr, _ = roc_curve(labels, probs)

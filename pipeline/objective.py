@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from pipeline import faults
@@ -290,6 +291,8 @@ class CrossValidation:
         """
         hpo = self.params.hpo
         trial = study.ask()
+        if is_heartbeat_enabled(study._storage):  # alive from the first moment it is visible
+            study._storage.record_heartbeat(trial._trial_id)
         if is_surplus(study, trial, hpo.n_trials):
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("fail_reason", f"the study already has its {hpo.n_trials} trials")
