@@ -38,10 +38,6 @@ from pipeline.model import resolve_model_path
 from pipeline.params import ParamsError
 
 
-class TrialProcessError(RuntimeError):
-    """The trial's child process failed; the message is the child's error or its exit."""
-
-
 # Events, child -> stage. The stage answers a FoldEnd with True (prune) or False.
 @dataclass(frozen=True)
 class FoldStart:
