@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from gpu_check import build_model_dir  # bench/ is on sys.path when run as a script
 
 from pipeline.engine import (
     collate,
@@ -91,21 +92,6 @@ def _worker(rank: int, model_dir: str, pairs_file: str, batches: list[int], seco
         out[batch_size] = {"samples": samples, "tokens": tokens, "seconds": elapsed,
                            "peak_memory_gb": torch.cuda.max_memory_reserved() / 2**30}
     results.put((rank, n_params, out))
-
-
-def build_model_dir(out: Path, tokenizer: str) -> Path:
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
-
-    config = DebertaV2Config(  # microsoft/deberta-v3-base's configuration
-        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
-        relative_attention=True, position_buckets=256, max_relative_positions=-1,
-        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
-        type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7, num_labels=2)
-    torch.manual_seed(0)
-    DebertaV2ForSequenceClassification(config).save_pretrained(out)
-    load_tokenizer(tokenizer).save_pretrained(out)
-    return out
 
 
 def run_grid(jobs: int, model_dir: str, pairs_file: str, batches: list[int],
