@@ -1,17 +1,22 @@
 """Stage ``evaluate``: score the held-out test split with the retrained model.
 
 Reads   paths.model_dir, paths.pairs (both splits: the baseline trains on ``train``)
-        params: model.max_length, train.*, and ``threshold`` from paths.best_params
+        params: model.max_length, train.*, ``threshold`` (shipped) and ``tuned_threshold`` from
+        paths.best_params
 Writes  paths.eval_metrics   macro_f1, pos_f1, roc_auc, pr_auc and pos_f1 per criterion at the
-                             default threshold 0.5, the same at the threshold tuned on the chosen
-                             trial's out-of-fold predictions (``tuned_*``), and the TF-IDF +
-                             logistic regression baseline (``baseline_*``)
+                             default threshold 0.5; the margins to the TF-IDF + logistic
+                             regression baseline (``pr_auc_minus_baseline``,
+                             ``pos_f1_minus_baseline``: at the shipped threshold); the shipped
+                             threshold (``threshold`` of paths.best_params), its pos_f1 and
+                             whether it is the tuned one; the scores at the threshold tuned on
+                             the chosen trial's out-of-fold predictions (``tuned_*``); the
+                             baseline's own (``baseline_*``)
         paths.pr_curve, paths.roc_curve, paths.confusion   DVC plots (declared in dvc.yaml)
         paths.predictions   the probability of every test pair
 Logs    an MLflow run ``evaluate``, a child of the ``retrain`` run that logged this model (found
         by the model directory's SHA-256; else a child of the study's run), with the metrics, the
         plots, the predictions and the shipped threshold; the registered model version with this
-        hash gets the tags ``threshold`` (the tuned one, which predict applies), ``eval_run_id``
+        hash gets the tags ``threshold`` (the shipped one, which predict applies), ``eval_run_id``
         and its headline test metrics.
 """
 
@@ -90,17 +95,17 @@ def log_eval_run(params: Params, metrics: dict[str, Any], trial: int | None) -> 
     try:
         runs.log(run_id, metrics={k: v for k, v in metrics.items()
                                   if isinstance(v, (int, float))},
-                 params={"shipped_threshold": metrics["tuned_threshold"],
+                 params={"shipped_threshold": metrics["shipped_threshold"],
                          "max_length": params.model.max_length})
         for path in (paths.pr_curve, paths.roc_curve, paths.confusion):
             runs.artifact(run_id, path, "plots")
         runs.artifact(run_id, paths.predictions)
         runs.artifact(run_id, paths.eval_metrics)
         if version is not None:
-            for key, value in {"threshold": metrics["tuned_threshold"], "eval_run_id": run_id,
+            for key, value in {"threshold": metrics["shipped_threshold"], "eval_run_id": run_id,
                                "test_roc_auc": metrics["roc_auc"],
                                "test_pr_auc": metrics["pr_auc"],
-                               "test_pos_f1": metrics["tuned_pos_f1"]}.items():
+                               "test_pos_f1": metrics["shipped_pos_f1"]}.items():
                 runs.client.set_model_version_tag(name, version.version, key, str(value))
         status = FINISHED
     finally:
@@ -110,10 +115,13 @@ def log_eval_run(params: Params, metrics: dict[str, Any], trial: int | None) -> 
 
 def reviewer_order(metrics: dict[str, Any]) -> dict[str, Any]:
     """The test metrics in the order ``dvc exp show`` should show them: the model's headline
-    scores, then at the tuned threshold, the baseline, and the per-criterion scores and counts."""
+    scores, the margins to the baseline, the shipped threshold, the scores at the tuned
+    threshold, the baseline, and the per-criterion scores and counts."""
     head = ("pr_auc", "roc_auc", "macro_f1", "pos_f1")
     groups = [
         [k for k in head if k in metrics],
+        [k for k in ("pr_auc_minus_baseline", "pos_f1_minus_baseline") if k in metrics],
+        sorted(k for k in metrics if k.startswith("shipped_")),
         sorted(k for k in metrics if k.startswith("tuned_")),
         [f"baseline_{k}" for k in head if f"baseline_{k}" in metrics],
         sorted(k for k in metrics if k.startswith("baseline_") and k[9:] not in head),
@@ -129,7 +137,8 @@ def run(params: Params) -> dict[str, Any]:
     train = pairs[pairs["split"] == "train"].reset_index(drop=True)
     test = pairs[pairs["split"] == "test"].reset_index(drop=True)
     best = yaml.load(Path(paths.best_params).read_text(encoding="utf-8"), Loader=YamlLoader)
-    tuned = float(best.get("threshold", THRESHOLD))
+    shipped = float(best.get("threshold", THRESHOLD))
+    tuned = float(best.get("tuned_threshold") or shipped)
 
     tokenizer = AutoTokenizer.from_pretrained(paths.model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(paths.model_dir)
@@ -142,14 +151,20 @@ def run(params: Params) -> dict[str, Any]:
 
     metrics: dict[str, Any] = scores(test, probs, THRESHOLD)
     metrics.update({"test_pairs": len(test), "test_positives": int(labels.sum()),
-                    "threshold": THRESHOLD, "tuned_threshold": tuned})
+                    "tuned_threshold": tuned})
     at_tuned = scores(test, probs, tuned)
     metrics.update({f"tuned_{k}": v for k, v in at_tuned.items()
                     if k not in ("roc_auc", "pr_auc")})  # threshold-free: same as above
+    at_shipped = classification_metrics(labels, probs, shipped)
+    metrics.update({"shipped_threshold": shipped, "shipped_is_tuned": int(shipped == tuned),
+                    "shipped_pos_f1": at_shipped["pos_f1"],
+                    "shipped_macro_f1": at_shipped["macro_f1"]})
     base_probs, base_threshold = tfidf_baseline(train, test)
     base = classification_metrics(labels, base_probs, base_threshold)
     metrics.update({f"baseline_{k}": v for k, v in base.items()})
     metrics["baseline_threshold"] = base_threshold
+    metrics["pr_auc_minus_baseline"] = metrics["pr_auc"] - base["pr_auc"]
+    metrics["pos_f1_minus_baseline"] = at_shipped["pos_f1"] - base["pos_f1"]
     write_json(paths.eval_metrics, round_floats(reviewer_order(metrics)), sort_keys=False)
 
     precision, recall, _ = precision_recall_curve(labels, probs)
@@ -159,7 +174,7 @@ def run(params: Params) -> dict[str, Any]:
     write_text(paths.roc_curve, _to_csv(_thin(pd.DataFrame({"fpr": fpr, "tpr": tpr}))))
     names = np.array(["no evidence", "evidence"])
     write_text(paths.confusion, _to_csv(pd.DataFrame({
-        "actual": names[labels], "predicted": names[(probs >= tuned).astype(int)]})))
+        "actual": names[labels], "predicted": names[(probs >= shipped).astype(int)]})))
     write_text(paths.predictions, _to_csv(pd.DataFrame({
         "pair_id": test["pair_id"], "post_id": test["post_id"],
         "criterion_id": test["criterion_id"], "label": labels, "probability": probs,
@@ -172,11 +187,13 @@ def main() -> None:
     m = run(load_params())
     print(f"evaluate on {m['test_pairs']} test pairs: roc_auc {m['roc_auc']:.4f} pr_auc "
           f"{m['pr_auc']:.4f}; pos_f1 {m['pos_f1']:.4f} at 0.5, {m['tuned_pos_f1']:.4f} at the "
-          f"tuned {m['tuned_threshold']:.3f}; TF-IDF baseline pos_f1 {m['baseline_pos_f1']:.4f} "
-          f"pr_auc {m['baseline_pr_auc']:.4f}")
+          f"tuned {m['tuned_threshold']:.3f}, {m['shipped_pos_f1']:.4f} at the shipped "
+          f"{m['shipped_threshold']:.3f}; TF-IDF baseline pos_f1 {m['baseline_pos_f1']:.4f} "
+          f"pr_auc {m['baseline_pr_auc']:.4f} (margins {m['pr_auc_minus_baseline']:+.4f}, "
+          f"{m['pos_f1_minus_baseline']:+.4f})")
     if m["mlflow"]["version"]:
         print(f"evaluate: registered model version {m['mlflow']['version']} carries threshold "
-              f"{m['tuned_threshold']:.4f}")
+              f"{m['shipped_threshold']:.4f}")
     else:
         print("evaluate: no registered model version has this model's hash (run retrain to "
               "register it); metrics logged to MLflow only")

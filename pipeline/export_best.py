@@ -2,8 +2,9 @@
 
 Reads   paths.trials, paths.fold_metrics, paths.pareto (the hpo stage's tables)
         params: export_best.select, export_best.k, hpo.metric, hpo.objectives
-Writes  paths.best_params: the chosen trial's hyperparameters (read by ``retrain``), its decision
-        threshold (read by ``evaluate``) and why it was chosen. Both stages declare it under
+Writes  paths.best_params: the chosen trial's hyperparameters (read by ``retrain``), the decision
+        threshold that ships (read by ``evaluate``; ``export_best.threshold`` decides between
+        0.5 and the trial's tuned one, ``shipped_threshold`` below) and why each was chosen. Both stages declare it under
         ``params:``, so ``dvc params diff`` and ``dvc exp show`` show it next to params.yaml.
 
 Rules (``export_best.select``):
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from pipeline.common import StageError, run_stage, write_text
+from pipeline.metrics import THRESHOLD
 from pipeline.params import HYPERPARAMETERS, Params, load_params
 
 
@@ -107,15 +109,36 @@ def choose(trials: list[dict[str, str]], pareto: list[dict[str, str]],
     return chosen, record
 
 
+def shipped_threshold(row: dict[str, str], rule: str) -> tuple[float, str]:
+    """The decision threshold that ships with the chosen trial (``export_best.threshold``)."""
+    tuned = float(row["threshold"]) if row.get("threshold") else None
+    gain = float(row["threshold_gain"]) if row.get("threshold_gain") else None
+    if rule == "default" or tuned is None:
+        return THRESHOLD, ("export_best.threshold is default" if rule == "default" else
+                           "the trial has no tuned threshold")
+    if rule == "tuned":
+        return tuned, "export_best.threshold is tuned"
+    if gain is None:
+        return THRESHOLD, "the trial has no threshold_gain (recorded since the checked rule)"
+    if gain > 0:
+        return tuned, (f"tuned on another fold, it raised pos_f1 over {THRESHOLD} on every fold "
+                       f"(smallest gain {gain:+.4f})")
+    return THRESHOLD, (f"tuned on another fold, it did not raise pos_f1 over {THRESHOLD} on every "
+                       f"fold (smallest gain {gain:+.4f})")
+
+
 def run(params: Params) -> dict[str, Any]:
     paths = params.paths
     row, record = choose(read_rows(paths.trials), read_rows(paths.pareto),
                          read_rows(paths.fold_metrics), params)
+    threshold, why = shipped_threshold(row, params.export_best.threshold)
     doc = {
         "trial": int(row["number"]),
         "value": float(row["value"]),
+        "threshold": threshold,  # the one that ships: evaluate, the registered model, predict
         # tuned on the trial's pooled out-of-fold predictions: the best pos_f1 threshold
-        "threshold": float(row["threshold"]) if row.get("threshold") else 0.5,
+        "tuned_threshold": float(row["threshold"]) if row.get("threshold") else None,
+        "threshold_reason": why,
         "selection": record,
         "hyperparameters": hyperparameters(row),
     }
@@ -128,7 +151,7 @@ def run(params: Params) -> dict[str, Any]:
 def main() -> None:
     doc = run(load_params())
     print(f"export_best: trial {doc['trial']} ({doc['selection']['reason']}); threshold "
-          f"{doc['threshold']:.4f}; {doc['hyperparameters']}")
+          f"{doc['threshold']:.4f} ({doc['threshold_reason']}); {doc['hyperparameters']}")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,24 @@ def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> tuple[float, flo
     best = int(np.flatnonzero(f1 == f1.max())[-1])
     lower = thresholds[best - 1] if best > 0 else 0.0
     return float((thresholds[best] + lower) / 2), float(f1[best])
+
+
+def threshold_transfer_gains(labels: np.ndarray, probs: np.ndarray,
+                             folds: list[np.ndarray]) -> list[float]:
+    """Whether a tuned threshold survives a change of model, measured across CV folds.
+
+    For each fold: the threshold tuned (``best_f1_threshold``) on the other folds' out-of-fold
+    predictions, made by other models, applied to this fold's predictions; the gain is this
+    fold's pos_f1 at that threshold minus its pos_f1 at ``THRESHOLD``. A threshold that only fits
+    one model's calibration gives negative gains; the retrained model is yet another model.
+    ``folds``: the validation rows of each fold (indices into ``labels`` / ``probs``).
+    """
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    gains = []
+    for k, rows in enumerate(folds):
+        others = np.concatenate([f for j, f in enumerate(folds) if j != k])
+        threshold, _ = best_f1_threshold(labels[others], probs[others])
+        at = classification_metrics(labels[rows], probs[rows], threshold)["pos_f1"]
+        gains.append(at - classification_metrics(labels[rows], probs[rows])["pos_f1"])
+    return gains

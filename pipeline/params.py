@@ -339,6 +339,9 @@ class ExportBestParams:
     # i.e. prefer a trial that is good on every fold over one lucky fold.
     select: Literal["best", "mean_minus_k_se"]
     k: StrictFloat
+    # checked: the chosen trial's tuned threshold only when it beat 0.5 on every fold it was not
+    # tuned on (trials.csv threshold_gain > 0), else 0.5. tuned: always. default: always 0.5.
+    threshold: Literal["checked", "tuned", "default"]
 
     def __post_init__(self) -> None:
         _check(self.k >= 0, "export_best.k", "must be >= 0")

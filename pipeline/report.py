@@ -91,7 +91,11 @@ def bootstrap_section(params: Params) -> str:
     if text is None:
         return "## Test metrics\n\nNo predictions in the workspace: run `dvc repro` first.\n"
     pred = pd.read_csv(io.StringIO(text))
-    tuned = float(best.get("threshold", 0.5))
+    shipped = float(best.get("threshold", 0.5))
+    tuned = float(best.get("tuned_threshold") or shipped)
+    eval_text = _read_at(params.paths.eval_metrics, None)
+    base_threshold = float(json.loads(eval_text).get("baseline_threshold", 0.5)
+                           if eval_text else 0.5)
     posts = pred["post_id"].to_numpy()
     unique = np.unique(posts)
     members = {p: np.flatnonzero(posts == p) for p in unique}
@@ -101,11 +105,17 @@ def bootstrap_section(params: Params) -> str:
         y, p, b = (pred[c].to_numpy()[rows] for c in ("label", "probability",
                                                      "baseline_probability"))
         at_default = classification_metrics(y, p)
+        at_shipped = classification_metrics(y, p, shipped)
+        base = classification_metrics(y, b, base_threshold)
         return {"roc_auc": at_default["roc_auc"], "pr_auc": at_default["pr_auc"],
                 "pos_f1 (0.5)": at_default["pos_f1"],
                 f"pos_f1 (tuned {tuned:.3f})": classification_metrics(y, p, tuned)["pos_f1"],
-                f"macro_f1 (tuned {tuned:.3f})": classification_metrics(y, p, tuned)["macro_f1"],
-                "baseline pr_auc": classification_metrics(y, b)["pr_auc"]}
+                f"pos_f1 (shipped {shipped:.3f})": at_shipped["pos_f1"],
+                f"macro_f1 (shipped {shipped:.3f})": at_shipped["macro_f1"],
+                "baseline pr_auc": base["pr_auc"],
+                f"baseline pos_f1 ({base_threshold:.3f})": base["pos_f1"],
+                "pr_auc - baseline": at_default["pr_auc"] - base["pr_auc"],
+                "pos_f1 (shipped) - baseline": at_shipped["pos_f1"] - base["pos_f1"]}
 
     point = evaluate(np.arange(len(pred)))
     samples = []

@@ -68,7 +68,13 @@ def _assert_all_outputs(repo: Path) -> None:
                 *(f"pos_f1_A{i}" for i in range(1, 10)), "tuned_pos_f1", "tuned_macro_f1",
                 "baseline_pos_f1", "baseline_pr_auc", "baseline_roc_auc"):
         assert 0.0 <= evaluation[key] <= 1.0, key
-    assert evaluation["tuned_threshold"] == best["threshold"]
+    assert evaluation["tuned_threshold"] == best["tuned_threshold"]
+    assert evaluation["shipped_threshold"] == best["threshold"] in (0.5, best["tuned_threshold"])
+    assert evaluation["shipped_is_tuned"] == int(best["threshold"] == best["tuned_threshold"])
+    assert evaluation["pr_auc_minus_baseline"] == pytest.approx(
+        evaluation["pr_auc"] - evaluation["baseline_pr_auc"], abs=2e-6)
+    assert evaluation["pos_f1_minus_baseline"] == pytest.approx(
+        evaluation["shipped_pos_f1"] - evaluation["baseline_pos_f1"], abs=2e-6)
     assert _rows(repo / p["pr_curve"]) and _rows(repo / p["roc_curve"])
     assert len(_rows(repo / p["confusion"])) == evaluation["test_pairs"]
     assert len(_rows(repo / p["predictions"])) == evaluation["test_pairs"]
@@ -202,6 +208,7 @@ def test_report_on_two_commits(repo_copy):
         assert heading in report, heading
     assert "| params.yaml | hpo.n_trials | 2 | 3 |" in report
     assert "fold_fits_possible" in report
+    assert "| pr_auc - baseline |" in report and "| pos_f1 (shipped) - baseline |" in report
     assert "paired t-test" in report or "identical or single-fold" in report
     assert "dvc plots diff HEAD~1" in report
     assert "(trial " in report and "are not available" not in report

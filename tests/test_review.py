@@ -10,8 +10,8 @@ import pytest
 
 from pipeline import prepare
 from pipeline.baseline import tfidf_baseline
-from pipeline.export_best import choose
-from pipeline.metrics import best_f1_threshold, classification_metrics
+from pipeline.export_best import choose, shipped_threshold
+from pipeline.metrics import best_f1_threshold, classification_metrics, threshold_transfer_gains
 from pipeline.params import load_params
 
 
@@ -60,6 +60,31 @@ def test_best_f1_threshold_maximises_f1():
     assert classification_metrics(labels, probs, threshold)["pos_f1"] == pytest.approx(f1)
     for other in np.linspace(0.05, 0.95, 19):
         assert classification_metrics(labels, probs, other)["pos_f1"] <= f1 + 1e-12
+
+
+def test_a_threshold_ships_only_when_it_transfers_to_another_fold():
+    labels = np.array([1, 0, 0, 0] * 10)
+    rows = [np.arange(0, 20), np.arange(20, 40)]
+    # fold 0's model separates at 0.5; fold 1's model is calibrated low (positives at 0.45)
+    shifted = np.where(labels == 1, np.r_[np.full(20, 0.9), np.full(20, 0.45)],
+                       np.r_[np.full(20, 0.3), np.full(20, 0.05)])
+    gains = threshold_transfer_gains(labels, shifted, rows)
+    # fold 1's threshold (0.25) turns fold 0's negatives positive; fold 0's (0.6) misses all
+    # of fold 1's positives, as 0.5 does
+    assert gains[0] < 0 and gains[1] == 0
+    # both models calibrated alike (positives at 0.35): a lower threshold helps on both folds
+    alike = np.where(labels == 1, 0.35, 0.1)
+    assert threshold_transfer_gains(labels, alike, rows) == [1.0, 1.0]
+
+    row = {"threshold": "0.2", "threshold_gain": "0.1"}
+    assert shipped_threshold(row, "checked")[0] == 0.2
+    assert shipped_threshold({**row, "threshold_gain": "-0.05"}, "checked") == (
+        0.5, "tuned on another fold, it did not raise pos_f1 over 0.5 on every fold "
+             "(smallest gain -0.0500)")
+    assert shipped_threshold({**row, "threshold_gain": "0"}, "checked")[0] == 0.5
+    assert shipped_threshold({**row, "threshold_gain": ""}, "checked")[0] == 0.5  # older trial
+    assert shipped_threshold({**row, "threshold_gain": "-1"}, "tuned")[0] == 0.2
+    assert shipped_threshold(row, "default")[0] == 0.5
 
 
 def test_tfidf_baseline_learns_the_sample(params):
