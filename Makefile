@@ -16,7 +16,8 @@ help:
 	@echo "make test    the same set-up, then the whole test suite (slow tests included)"
 	@echo "make quick   dvc exp run with 10 trials;  make full: the DeBERTa-v3 GPU profile"
 	@echo "             (experiment quick, quick-2, ...; or NAME=my-exp)"
-	@echo "make bench   throughput, learning curves + pruning replay, HPO efficiency, study speed (hours)"
+	@echo "make bench   throughput, learning curves + pruning replay, HPO efficiency, study speed,"
+	@echo "             recipe curves (hours)"
 	@echo "make report  Markdown report for a pull request: this workspace vs BASE (main)"
 	@echo "make predict  POSTS=posts.csv OUT=evidence.csv [MODEL=models:/NAME/V]: evidence sentences"
 	@echo "make lint    ruff"
@@ -47,8 +48,9 @@ lint: install
 	$(BIN)/ruff check pipeline tests bench
 
 # Benchmarks print their tables and write bench/results/ (see README, "Benchmarks"): throughput
-# and the engine's epoch profile, the learning-curve table and the pruning replay on it, then the
-# chosen pruning policy end to end (hours on 2 cores; each script can be run alone).
+# and the engine's epoch profile, the learning-curve table and the pruning replay on it, the
+# chosen pruning policy end to end, parallel trials, and the training-recipe curves (hours on
+# 2 cores; each script can be run alone).
 bench: data
 	$(BIN)/dvc repro prepare
 	$(BIN)/python bench/train_throughput.py
@@ -57,6 +59,7 @@ bench: data
 	$(BIN)/python bench/pruning_replay.py
 	$(BIN)/python bench/hpo_efficiency.py
 	$(BIN)/python bench/study_speed.py
+	$(BIN)/python bench/recipe_curves.py
 
 BASE ?= main
 report: install

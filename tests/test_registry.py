@@ -89,7 +89,7 @@ def test_registered_model_scores_like_the_model_directory_and_carries_its_thresh
     assert version.tags["eval_run_id"] == evaluated.info.run_id
     eval_json = json.loads(Path(paths.eval_metrics).read_text())
     assert evaluated.data.metrics["pr_auc"] == pytest.approx(eval_json["pr_auc"], rel=1e-5)
-    assert evaluated.data.params["shipped_threshold"] == str(eval_json["tuned_threshold"])
+    assert evaluated.data.params["shipped_threshold"] == str(eval_json["shipped_threshold"])
     plots = {a.path for a in client.list_artifacts(evaluated.info.run_id, "plots")}
     assert plots == {"plots/pr_curve.csv", "plots/roc_curve.csv", "plots/confusion.csv"}
 
