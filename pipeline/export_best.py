@@ -4,8 +4,9 @@ Reads   paths.trials, paths.fold_metrics, paths.pareto (the hpo stage's tables)
         params: export_best.select, export_best.k, hpo.metric, hpo.objectives
 Writes  paths.best_params: the chosen trial's hyperparameters (read by ``retrain``), the decision
         threshold that ships (read by ``evaluate``; ``export_best.threshold`` decides between
-        0.5 and the trial's tuned one, ``shipped_threshold`` below) and why each was chosen. Both stages declare it under
-        ``params:``, so ``dvc params diff`` and ``dvc exp show`` show it next to params.yaml.
+        0.5 and the trial's tuned one: ``shipped_threshold``), the tuned one, and why each was
+        chosen. Both stages declare it under ``params:``, so ``dvc params diff`` and
+        ``dvc exp show`` show it next to params.yaml.
 
 Rules (``export_best.select``):
 
@@ -119,7 +120,7 @@ def shipped_threshold(row: dict[str, str], rule: str) -> tuple[float, str]:
     if rule == "tuned":
         return tuned, "export_best.threshold is tuned"
     if gain is None:
-        return THRESHOLD, "the trial has no threshold_gain (recorded since the checked rule)"
+        return THRESHOLD, "the trial has no threshold_gain (a study recorded before it existed)"
     if gain > 0:
         return tuned, (f"tuned on another fold, it raised pos_f1 over {THRESHOLD} on every fold "
                        f"(smallest gain {gain:+.4f})")

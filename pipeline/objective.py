@@ -54,8 +54,8 @@ AGGREGATE = {"mean": statistics.fmean, "median": statistics.median, "min": min, 
 SLOT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 # What a retried trial inherits from the dead one but must not keep.
 PER_ATTEMPT_ATTRS = ("fail_reason", "mlflow_run_id", "surplus", "threshold", "oof_pos_f1",
-                     "oof_pos_f1_tuned", "oof_pr_auc", "threshold_gain", "objectives", "precision", "slot",
-                     "peak_rss_mb", "peak_gpu_mb")
+                     "oof_pos_f1_tuned", "oof_pr_auc", "threshold_gain", "objectives",
+                     "precision", "slot", "peak_rss_mb", "peak_gpu_mb")
 
 
 def open_places(study: optuna.Study, n_trials: int) -> int:

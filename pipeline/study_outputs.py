@@ -121,22 +121,39 @@ def _complete_study(trials: list[FrozenTrial], directions: list) -> optuna.Study
     return study
 
 
-def importances(trials: list[FrozenTrial], params: Params) -> dict[str, Any]:
-    """Importances for hpo.metric over the complete trials, with the evaluator set explicitly."""
-    name = params.hpo.importance_evaluator
+def _evaluator(params: Params):
+    """hpo.importance_evaluator, seeded (Optuna's default would be another, unseeded one)."""
     seed = derive_seed(params.seed, "importance")
-    evaluator = {
+    return {
         "fanova": lambda: optuna.importance.FanovaImportanceEvaluator(seed=seed),
         "ped_anova": lambda: optuna.importance.PedAnovaImportanceEvaluator(),
         "mean_decrease_impurity":
             lambda: optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=seed),
-    }[name]()
+    }[params.hpo.importance_evaluator]()
+
+
+def _param_names(trials: list[FrozenTrial], params: Params) -> list[str] | None:
+    """The parameters Optuna would assess (PED-ANOVA: every one of a complete trial; the others:
+    those of all complete trials), sorted: Optuna orders equal importances as it meets the
+    names, which must not vary between runs."""
+    names = [set(t.params) for t in trials if t.state == TrialState.COMPLETE]
+    if not names:
+        return None
+    if params.hpo.importance_evaluator == "ped_anova":
+        return sorted(set().union(*names))
+    return sorted(set.intersection(*names))
+
+
+def importances(trials: list[FrozenTrial], params: Params) -> dict[str, Any]:
+    """Importances for hpo.metric over the complete trials, with the evaluator set explicitly."""
     study = _complete_study(trials, ["maximize"] * (1 + len(params.hpo.objectives)))
-    result: dict[str, Any] = {"evaluator": name, "target": params.hpo.metric,
+    result: dict[str, Any] = {"evaluator": params.hpo.importance_evaluator,
+                              "target": params.hpo.metric,
                               "n_trials": len(study.trials), "importances": {}}
     try:
         result["importances"] = optuna.importance.get_param_importances(
-            study, evaluator=evaluator, target=lambda t: t.values[0])
+            study, evaluator=_evaluator(params), params=_param_names(study.trials, params),
+            target=lambda t: t.values[0])
     except (RuntimeError, ValueError) as err:  # too few trials, or nothing varied
         result["error"] = str(err)
     return result
@@ -180,7 +197,9 @@ def _optuna_html(study: optuna.Study, trials: list[FrozenTrial], params: Params,
     target = {"target": lambda t: t.values[0], "target_name": params.hpo.metric}
     makers = {
         "optimization_history": lambda: vis.plot_optimization_history(copy, **target),
-        "param_importances": lambda: vis.plot_param_importances(copy, **target),
+        "param_importances": lambda: vis.plot_param_importances(
+            copy, evaluator=_evaluator(params), params=_param_names(copy.trials, params),
+            **target),
         "parallel_coordinate": lambda: vis.plot_parallel_coordinate(copy, **target),
         "slice": lambda: vis.plot_slice(copy, **target),
         "intermediate_values": lambda: vis.plot_intermediate_values(copy),
