@@ -359,7 +359,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4,
-                        help="the CPU profile's num_train_epochs")
+                        help="epochs (4: the CPU profile when the results were measured)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="the CPU profile's per_device_train_batch_size")
     parser.add_argument("--seeds", default="1-3",
