@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # runs where the package is not installed too (a GPU machine)
 RESULTS = ROOT / "bench" / "results"
 OUT = RESULTS / "recipe_curves.csv"
 SCRATCH = ROOT / ".bench"
