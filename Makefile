@@ -24,28 +24,12 @@ help:
 
 install: $(VENV)/.installed
 
-# torch==2.13.0 from constraints.txt: on a machine with the CPU wheel on disk it is taken in
+# torch==2.13.0 from constraints.txt: on a machine with the CPU wheel on disk pip takes it in
 # seconds; elsewhere PyPI's default build, which is the CUDA one on Linux (a GPU user gets CUDA).
-# The installer is uv (the PyPI package, put into the venv by pip): 11 s against pip's 215 s on
-# a fresh clone here (README, "Quick start"). uv does not read pip's configuration, so the
-# find-links, extra indexes and constraint files that pip would use (PIP_* variables or
-# `pip config`) are passed on, and like pip it takes the best version across indexes. USE_PIP=1,
-# or any failure of uv, installs with plain pip.
-PIP := $(BIN)/python -m pip
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	if [ -n "$(USE_PIP)" ]; then false; fi \
-	  && $(PIP) install -q --disable-pip-version-check uv \
-	  && args="" \
-	  && for u in $${PIP_FIND_LINKS:-$$($(PIP) config get global.find-links 2>/dev/null)}; do \
-	       args="$$args --find-links $$u"; done \
-	  && for u in $${PIP_EXTRA_INDEX_URL:-$$($(PIP) config get global.extra-index-url 2>/dev/null)}; do \
-	       args="$$args --extra-index-url $$u"; done \
-	  && for u in $${PIP_CONSTRAINT:-$$($(PIP) config get global.constraint 2>/dev/null)}; do \
-	       args="$$args -c $$u"; done \
-	  && $(BIN)/uv pip install --python $(BIN)/python -q --index-strategy unsafe-best-match \
-	       $$args $(PIP_OPTS) -c constraints.txt -e '.[dev]' \
-	  || $(PIP) install -q --disable-pip-version-check $(PIP_OPTS) -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(PIP_OPTS) \
+		-c constraints.txt -e '.[dev]'
 	touch $@
 
 data: install
