@@ -85,7 +85,7 @@ RECIPES = [  # in order of interest: a run cut short by --deadline keeps the fir
 def select_negatives(pairs: pd.DataFrame, train: np.ndarray, recipe: Recipe,
                      seed: int) -> np.ndarray:
     """Positives of ``train`` plus the recipe's negatives (sorted row indices)."""
-    from pipeline.baseline import _fit_predict
+    from pipeline import baseline
     from pipeline.engine import subsample_negatives
 
     labels = pairs["label"].to_numpy()
@@ -101,16 +101,13 @@ def select_negatives(pairs: pd.DataFrame, train: np.ndarray, recipe: Recipe,
         rest = np.setdiff1d(neg, same)
         chosen = np.concatenate([same, rng.choice(rest, size=want - len(same), replace=False)])
     else:  # hard / mixed: rank the negatives by the baseline fitted on the training rows
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
-        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
-        vectorizer.fit(pairs["sentence"].to_numpy()[train])
+        features = baseline.vectorizer().fit(pairs["sentence"].to_numpy()[train])
         score = np.zeros(len(pairs))
         crit = pairs["criterion_id"].to_numpy()
         for c in np.unique(crit[train]):
             rows = train[crit[train] == c]
-            x = vectorizer.transform(pairs["sentence"].to_numpy()[rows])
-            score[rows] = _fit_predict(x, labels[rows], x)
+            x = features.transform(pairs["sentence"].to_numpy()[rows])
+            score[rows] = baseline.fit_predict(x, labels[rows], x)
         ranked = neg[np.argsort(-score[neg], kind="stable")]
         n_hard = want if recipe.negatives == "hard" else want // 2
         hard = ranked[:n_hard]
@@ -133,21 +130,17 @@ def make_corpus(name: str) -> Path:
         return path
     if name != "seed7":
         sys.exit(f"ERROR: --corpus {name}: expected sample or seed7")
+    # the whole paths layout of params.yaml, below a scratch root
     base = SCRATCH / "seed7"
-    pairs = base / "prepared" / "pairs.csv"
+    moved = dataclasses.replace(params.paths, **{
+        f.name: str(base / getattr(params.paths, f.name))
+        for f in dataclasses.fields(params.paths)})
+    pairs = Path(moved.pairs)
     if not pairs.is_file():
         import subprocess
 
         subprocess.run([sys.executable, "-m", "pipeline.sample_data", "--seed", "7", "--posts",
-                        "400", "--out", str(base / "data")], cwd=ROOT, check=True)
-        paths = params.paths
-        moved = dataclasses.replace(
-            paths, data_dir=str(base / "data"), posts=str(base / "data" / Path(paths.posts).name),
-            annotations=str(base / "data" / Path(paths.annotations).name),
-            criteria=str(base / "data" / Path(paths.criteria).name), pairs=str(pairs),
-            splits=str(base / "prepared" / "splits.csv"),
-            data_metrics=str(base / "prepared" / "data.json"),
-            data_summary=str(base / "prepared" / "summary.json"))
+                        "400", "--out", moved.data_dir], cwd=ROOT, check=True)
         prepare.run(dataclasses.replace(params, paths=moved))
     return pairs
 

@@ -15,7 +15,13 @@ from sklearn.linear_model import LogisticRegression
 from pipeline.metrics import best_f1_threshold
 
 
-def _fit_predict(x_train, y_train: np.ndarray, x_test) -> np.ndarray:
+def vectorizer() -> TfidfVectorizer:
+    """The baseline's features, unfitted: TF-IDF of word 1-2-grams, sublinear term frequency."""
+    return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+
+
+def fit_predict(x_train, y_train: np.ndarray, x_test) -> np.ndarray:
+    """One criterion's class-balanced logistic regression: P(evidence) of ``x_test``'s rows."""
     if y_train.min() == y_train.max():  # a criterion without positives (or negatives)
         return np.full(x_test.shape[0], float(y_train.max()))
     model = LogisticRegression(C=4.0, class_weight="balanced", max_iter=2000,
@@ -25,19 +31,18 @@ def _fit_predict(x_train, y_train: np.ndarray, x_test) -> np.ndarray:
 
 def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, float]:
     """Test-pair probabilities (in ``test`` order) and the threshold tuned out of fold."""
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
-    vectorizer.fit(train["sentence"].drop_duplicates())
+    features = vectorizer().fit(train["sentence"].drop_duplicates())
     oof = np.zeros(len(train))
     probs = np.zeros(len(test))
     for criterion in sorted(train["criterion_id"].unique()):
         tr = np.flatnonzero(train["criterion_id"].to_numpy() == criterion)
         te = np.flatnonzero(test["criterion_id"].to_numpy() == criterion)
-        x = vectorizer.transform(train["sentence"].iloc[tr])
+        x = features.transform(train["sentence"].iloc[tr])
         y = train["label"].to_numpy()[tr]
         folds = train["fold"].to_numpy()[tr]
         for fold in np.unique(folds):
             held = folds == fold
-            oof[tr[held]] = _fit_predict(x[~held], y[~held], x[held])
-        probs[te] = _fit_predict(x, y, vectorizer.transform(test["sentence"].iloc[te]))
+            oof[tr[held]] = fit_predict(x[~held], y[~held], x[held])
+        probs[te] = fit_predict(x, y, features.transform(test["sentence"].iloc[te]))
     threshold, _ = best_f1_threshold(train["label"].to_numpy(), oof)
     return probs, threshold

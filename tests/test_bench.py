@@ -1,0 +1,86 @@
+"""The pruning replay (bench/pruning_replay.py): the benchmark that chooses hpo.pruner.
+
+A constructed learning-curve table with known costs goes through the real Optuna pruners; the
+cost, the pick and the refusals are checked against what the table implies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+replay_mod = _load("pruning_replay")
+curves_mod = _load("curves")
+
+# trial x fold x epoch; 2 folds, 3 epochs. Trials 0 and 1 are good, 2..5 clearly worse on both
+# folds from the first epoch; trial 1 peaks at epoch 2 (early stopping keeps that epoch).
+VALUES = {0: [[0.5, 0.6, 0.7], [0.5, 0.6, 0.7]],
+          1: [[0.4, 0.8, 0.6], [0.4, 0.8, 0.6]],
+          **{t: [[0.1, 0.1, 0.1], [0.1, 0.1, 0.1]] for t in range(2, 6)}}
+TRAIN_S, EVAL_S = 2.0, 3.0
+
+
+def _table(path: Path, drop_last_row: bool = False) -> Path:
+    rows = [{"trial": t, "fold": f, "epoch": e + 1, "val_pr_auc": v, "train_seconds": TRAIN_S,
+             "eval_seconds": EVAL_S, "precision": "fp32"}
+            for t, folds in VALUES.items() for f, curve in enumerate(folds)
+            for e, v in enumerate(curve)]
+    pd.DataFrame(rows[:-1] if drop_last_row else rows).to_csv(path, index=False)
+    return path
+
+
+def _policy(name: str):
+    return next(p for p in replay_mod.policies() if p.name == name)
+
+
+def test_replay_costs_and_picks_follow_the_table(tmp_path):
+    table, _ = replay_mod.load_table(_table(tmp_path / "curves.csv"), "pr_auc")
+    order = np.arange(len(VALUES))
+    # no pruning, no early stopping: 3 training epochs + 1 validation per fold, every fold run
+    full_fold = 3 * TRAIN_S + EVAL_S
+    none = replay_mod.replay(table, _policy("none"), order, seed=0)
+    assert none == {"cost": 12 * full_fold, "pick": 0, "pruned": 0}
+    # median pruning per fold (2 startup trials): trials 2..5 stop after fold 0
+    median = replay_mod.replay(table, _policy("fold_median"), order, seed=0)
+    assert median["pruned"] == 4 and median["pick"] == 0
+    assert median["cost"] == pytest.approx((4 + 4) * full_fold)
+    # early stopping (patience 1) validates every epoch; trial 1 stops after epoch 3 (no gain)
+    # and scores its best epoch, 0.8, so the policy picks it
+    es = replay_mod.replay(table, _policy("none+es"), order, seed=0)
+    assert es["pick"] == 1 and es["pruned"] == 0
+    stopped_early = 2 * (TRAIN_S + EVAL_S)  # trials 2..5: epoch 2 brings nothing
+    assert es["cost"] == pytest.approx(4 * 3 * (TRAIN_S + EVAL_S) + 8 * stopped_early)
+    # regret is measured on the full protocol: trial 1's last epoch (0.6) is worse than trial 0's
+    assert table.full_value[0] - table.full_value[1] == pytest.approx(0.1)
+
+
+def test_replay_refuses_an_incomplete_table(tmp_path):
+    path = _table(tmp_path / "curves.csv", drop_last_row=True)
+    with pytest.raises(SystemExit, match="curves.csv: 35 rows, expected 36"):
+        replay_mod.load_table(path, "pr_auc")
+
+
+def test_curves_refuse_to_merge_rows_of_another_setup(tmp_path):
+    path = tmp_path / "curves.csv"
+    rows = pd.DataFrame({"trial": [0, 0], "fold": [0, 0], "epoch": [1, 2], "setup": ["a", "a"]})
+    rows.to_csv(path, index=False)
+    merged = curves_mod.merge(rows.assign(trial=1), "a", path)
+    assert list(merged["trial"]) == [0, 0, 1, 1]
+    with pytest.raises(SystemExit, match="another setup"):
+        curves_mod.merge(rows.assign(setup="b"), "b", path)
