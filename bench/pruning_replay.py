@@ -8,30 +8,40 @@ aggregate or PRUNED. Nothing is trained, so hundreds of studies take seconds.
 
 A policy is a pruner, what it is fed, and early stopping:
 
-* per fold (what ``pipeline/objective.py`` does today): one report after each fold, step = folds
-  done, value = the running mean of the fold scores. Without early stopping a fold validates
-  its last epoch only (the engine skips the others), so the cost of a fold is its training
-  seconds plus one validation;
-* per epoch: one report after every epoch of every fold, step = epochs trained so far, value =
-  the mean of the finished folds' scores and the current fold's latest score. Every epoch is
-  validated, and every validation is paid;
-* early stopping (patience 1) stops a fold after an epoch without a better metric; the fold
-  scores its best epoch, and every epoch it ran was validated.
+* per fold (``hpo.pruner.report: fold``): one report after each fold, step = folds done, value
+  = the running mean of the fold scores. Without early stopping a fold validates its last epoch
+  only (the engine skips the others), so the cost of a fold is its training seconds plus one
+  validation;
+* per epoch (``hpo.pruner.report: epoch``): one report after every epoch of every fold, step =
+  epochs trained so far, value = the mean of the finished folds' scores and the current fold's
+  score so far (its latest epoch; its best one with early stopping). Every epoch is validated,
+  and every validation is paid;
+* early stopping (``--patience``, default 1) stops a fold after that many epochs without a
+  better metric; the fold scores its best epoch, and every epoch it ran was validated.
 
 Compute = the recorded train + eval seconds of what a policy ran (loading the model is part of
 each fold's first epoch). ``compute_saved_fraction`` is 1 - compute / compute of the study with
-no pruning and no early stopping (same trials, last epoch validated). ``regret`` is the table's
-best full-protocol value (mean over folds of the last epoch's metric) minus the full-protocol
-value of the trial the policy picks (its best completed trial by the value it saw), so an
-early-stopped fold's flattering best epoch cannot hide a worse model. ``fold_noise`` is the
-median over trials of the standard deviation of their fold scores (full protocol).
+no pruning and no early stopping (same trials, last epoch validated). ``regret`` is the best
+full-protocol value (mean over folds of the last epoch's metric) among the study's trials minus
+the full-protocol value of the trial the policy picks (its best completed trial by the value it
+saw), so an early-stopped fold's flattering best epoch cannot hide a worse model.
+``fold_noise`` is the median over trials of the standard deviation of their fold scores (full
+protocol).
 
 ``chosen``: among policies whose median regret is within fold noise, the one with the largest
 median compute saved; ``chosen_available``: the same among the policies that params.yaml can
-express today (per-fold median or percentile pruner, ``train.early_stopping_patience``).
+express (median or percentile pruner, per fold or per epoch, ``train.early_stopping_patience``).
+Successive halving, Hyperband and Wilcoxon are replayed for comparison but not offered by the
+stage: the first two compare with the rung values of RUNNING trials too, so with parallel trials
+their decisions would depend on timing, which ``hpo.n_jobs`` promises they do not.
 
-Usage: ``python bench/pruning_replay.py [--orders 50]``; writes
-``bench/results/pruning_replay.json``.
+Studies of every trial of the table (in random orders) give ``policies``, ``chosen`` and
+``chosen_available``; smaller studies drawn from it (``--sizes``: the CPU profile's 4 trials, make
+quick's 10) give the same under ``by_study_size``: with 2 startup trials that always run in full,
+a short study has little to prune, and per-epoch validation is paid on every trial.
+
+Usage: ``python bench/pruning_replay.py [--orders 50] [--sizes 4 10] [--patience 1]``; writes
+``bench/results/pruning_replay.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -60,12 +70,12 @@ class Policy:
     report: str  # "fold" | "epoch" | "none"
     make_pruner: Callable[[int], optuna.pruners.BasePruner]  # (steps per trial) -> pruner
     patience: int = 0  # early stopping, 0: off
-    available: bool = False  # params.yaml can express it today
+    available: bool = False  # params.yaml can express it (hpo.pruner, early stopping)
     fold_values: bool = False  # report each fold's own score, not the running mean (Wilcoxon)
 
 
-def policies() -> list[Policy]:
-    """Every policy, with and without early stopping."""
+def policies(patience: int = PATIENCE) -> list[Policy]:
+    """Every policy, with and without early stopping (``patience``)."""
     p = optuna.pruners
     base = [
         Policy("none", "none", lambda n: p.NopPruner(), available=True),
@@ -80,15 +90,17 @@ def policies() -> list[Policy]:
         Policy("fold_successive_halving", "fold",
                lambda n: p.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)),
         Policy("epoch_median", "epoch",
-               lambda n: p.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=0)),
+               lambda n: p.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=0),
+               available=True),
         Policy("epoch_percentile25", "epoch",
-               lambda n: p.PercentilePruner(25.0, n_startup_trials=STARTUP, n_warmup_steps=0)),
+               lambda n: p.PercentilePruner(25.0, n_startup_trials=STARTUP, n_warmup_steps=0),
+               available=True),
         Policy("epoch_successive_halving", "epoch",
                lambda n: p.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)),
         Policy("epoch_hyperband", "epoch",
                lambda n: p.HyperbandPruner(min_resource=1, max_resource=n, reduction_factor=3)),
     ]
-    with_es = [Policy(f"{q.name}+es", q.report, q.make_pruner, PATIENCE, q.available,
+    with_es = [Policy(f"{q.name}+es", q.report, q.make_pruner, patience, q.available,
                       q.fold_values) for q in base]
     return base + with_es
 
@@ -100,6 +112,11 @@ class Table:
     metric: np.ndarray
     train_s: np.ndarray
     eval_s: np.ndarray
+
+    def unpruned_cost(self, trials) -> float:
+        """Seconds of ``trials`` with no pruning and no early stopping (last epoch validated)."""
+        return float(sum(self.fold(t, f, 0, False)[2][-1][1]
+                         for t in trials for f in range(self.metric.shape[1])))
 
     @property
     def full_value(self) -> np.ndarray:
@@ -125,6 +142,44 @@ class Table:
             if patience and since >= patience:
                 break
         return len(out), (best if patience else m[len(out) - 1]), out
+
+
+def evaluate(table: Table, orders: list[np.ndarray], fold_noise: float,
+             patience: int = PATIENCE) -> dict:
+    """Every policy on studies of the trials in ``orders``: compute saved against the same
+    trials unpruned, and regret against the best of the trials each study saw."""
+    full = table.full_value
+    results = {}
+    for policy in policies(patience):
+        runs = [replay(table, policy, order, seed=k) for k, order in enumerate(orders)]
+        saved = np.array([1 - r["cost"] / table.unpruned_cost(order)
+                          for r, order in zip(runs, orders, strict=True)])
+        regret = np.array([full[order].max() - full[r["pick"]]
+                           for r, order in zip(runs, orders, strict=True)])
+        results[policy.name] = {
+            "report": policy.report, "early_stopping_patience": policy.patience,
+            "available_in_params": policy.available,
+            "compute_saved_fraction": float(np.median(saved)),
+            "compute_saved_p10_p90": [float(np.percentile(saved, q)) for q in (10, 90)],
+            "regret_median": float(np.median(regret)),
+            "regret_p90": float(np.percentile(regret, 90)),
+            "regret_mean": float(regret.mean()),
+            "found_best_fraction": float(np.mean(regret == 0)),
+            "pruned_trials_median": float(np.median([r["pruned"] for r in runs])),
+        }
+        r = results[policy.name]
+        print(f"{policy.name:30s} saved {r['compute_saved_fraction']:6.1%} "
+              f"[{r['compute_saved_p10_p90'][0]:6.1%}, {r['compute_saved_p10_p90'][1]:6.1%}]  "
+              f"regret median {r['regret_median']:.4f} p90 {r['regret_p90']:.4f}  "
+              f"pruned {r['pruned_trials_median']:.0f}/{len(orders[0])}", flush=True)
+
+    def choose(names: list[str]) -> str:
+        ok = [n for n in names if results[n]["regret_median"] <= fold_noise]
+        return max(ok, key=lambda n: results[n]["compute_saved_fraction"])
+
+    return {"policies": results, "chosen": choose(list(results)),
+            "chosen_available": choose([n for n, r in results.items()
+                                        if r["available_in_params"]])}
 
 
 def load_table(path: Path, metric: str) -> tuple[Table, pd.DataFrame]:
@@ -159,8 +214,10 @@ def replay(table: Table, policy: Policy, order: np.ndarray, seed: int) -> dict:
             _, score, epochs = table.fold(t, f, policy.patience, every_epoch)
             if every_epoch:
                 for e, (value, spent) in enumerate(epochs):
-                    trial.report(float(np.mean([*scores, value])), step=f * n_epochs + e + 1)
-                    if trial.should_prune():
+                    step = f * n_epochs + e + 1
+                    trial.report(float(np.mean([*scores, value])), step=step)
+                    # as the stage: no pruning at the last step, when nothing is left to save
+                    if step < n_folds * n_epochs and trial.should_prune():
                         cost += spent
                         stop = True
                         break
@@ -191,6 +248,12 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=50, help="random trial orders (>= 20)")
     parser.add_argument("--metric", default="pr_auc")
     parser.add_argument("--curves", type=Path, default=RESULTS / "curves.csv")
+    parser.add_argument("--patience", type=int, default=PATIENCE,
+                        help="early stopping patience of the +es policies")
+    parser.add_argument("--out", type=Path, default=RESULTS / "pruning_replay.json")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[4, 10],
+                        help="smaller studies to replay too (default: 4, the CPU profile's "
+                             "hpo.n_trials, and 10, make quick's)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -200,45 +263,25 @@ def main() -> None:
     full = table.full_value
     best = float(full.max())
     fold_noise = float(np.median(table.metric[:, :, -1].std(axis=1, ddof=1)))
-    baseline = float(sum(table.fold(t, f, 0, False)[2][-1][1]
-                         for t in range(n_trials) for f in range(n_folds)))
+    baseline = table.unpruned_cost(range(n_trials))
     rng = np.random.default_rng(2025)
     orders = [rng.permutation(n_trials) for _ in range(args.orders)]
-
-    results = {}
-    for policy in policies():
-        runs = [replay(table, policy, order, seed=k) for k, order in enumerate(orders)]
-        saved = np.array([1 - r["cost"] / baseline for r in runs])
-        regret = np.array([best - full[r["pick"]] for r in runs])
-        results[policy.name] = {
-            "report": policy.report, "early_stopping_patience": policy.patience,
-            "available_in_params": policy.available,
-            "compute_saved_fraction": float(np.median(saved)),
-            "compute_saved_p10_p90": [float(np.percentile(saved, q)) for q in (10, 90)],
-            "regret_median": float(np.median(regret)),
-            "regret_p90": float(np.percentile(regret, 90)),
-            "regret_mean": float(regret.mean()),
-            "found_best_fraction": float(np.mean(regret == 0)),
-            "pruned_trials_median": float(np.median([r["pruned"] for r in runs])),
-        }
-        r = results[policy.name]
-        print(f"{policy.name:30s} saved {r['compute_saved_fraction']:6.1%} "
-              f"[{r['compute_saved_p10_p90'][0]:6.1%}, {r['compute_saved_p10_p90'][1]:6.1%}]  "
-              f"regret median {r['regret_median']:.4f} p90 {r['regret_p90']:.4f}  "
-              f"pruned {r['pruned_trials_median']:.0f}/{n_trials}", flush=True)
-
-    def choose(names: list[str]) -> str:
-        ok = [n for n in names if results[n]["regret_median"] <= fold_noise]
-        return max(ok, key=lambda n: results[n]["compute_saved_fraction"])
-
-    chosen = choose(list(results))
-    chosen_available = choose([n for n, r in results.items() if r["available_in_params"]])
+    sizes = sorted({n_trials, *(k for k in args.sizes if 0 < k < n_trials)}, reverse=True)
+    by_size = {}
+    for size in sizes:
+        print(f"\n{size}-trial studies ({args.orders} random draws of the table's trials):")
+        by_size[size] = evaluate(table, [order[:size] for order in orders], fold_noise,
+                                 args.patience)
+    results = by_size[n_trials]["policies"]
+    chosen, chosen_available = by_size[n_trials]["chosen"], by_size[n_trials]["chosen_available"]
     seconds = table.train_s.sum() + table.eval_s.sum()
     out = {
         "policies": results,
         "fold_noise": fold_noise,
         "chosen": chosen,
         "chosen_available": chosen_available,
+        # smaller studies drawn from the same table (the CPU profile's n_trials, make quick's)
+        "by_study_size": {str(k): v for k, v in by_size.items() if k != n_trials},
         "table": {"trials": n_trials, "folds": n_folds, "epochs": n_epochs,
                   "metric": args.metric, "best_value": best,
                   "best_trial": int(df["trial"].unique()[int(full.argmax())]),
@@ -248,14 +291,17 @@ def main() -> None:
                   "train_epoch_seconds_median": float(np.median(table.train_s[:, :, 1:])),
                   "eval_seconds_median": float(np.median(table.eval_s)),
                   "precision": sorted(df["precision"].unique())},
-        "setup": {"orders": args.orders, "pruner_startup_trials": STARTUP,
-                  "early_stopping_patience": PATIENCE, "curves": str(args.curves.name)},
+        "setup": {"orders": args.orders, "study_sizes": sizes, "pruner_startup_trials": STARTUP,
+                  "early_stopping_patience": args.patience, "curves": str(args.curves.name)},
         "seconds": time.perf_counter() - start,
     }
-    write_json(RESULTS / "pruning_replay.json", out)
+    write_json(args.out, out)
     print(f"\nfold noise {fold_noise:.4f}; table best {best:.4f} (median trial "
           f"{np.median(full):.4f}); chosen: {chosen}; chosen among what params.yaml can "
           f"express: {chosen_available} ({out['seconds']:.0f} s)")
+    for k, v in out["by_study_size"].items():
+        print(f"{k}-trial studies: chosen {v['chosen']}; among what params.yaml can express: "
+              f"{v['chosen_available']}")
 
 
 if __name__ == "__main__":

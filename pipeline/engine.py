@@ -246,6 +246,7 @@ class FitResult:
     padding_fraction: float = 0.0
     val_probs: np.ndarray | None = None  # validation probabilities of the scored epoch
     model: Any = None
+    stopped: bool = False  # on_epoch asked to stop (the trial was pruned mid-fold)
 
 
 def fine_tune(
@@ -258,15 +259,19 @@ def fine_tune(
     device: Device,
     val_idx: np.ndarray | None = None,
     monitor: str = "pr_auc",
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
     keep_model: bool = False,
     desc: str = "train",
     fault: Fault | None = None,
+    validate_every_epoch: bool = False,
 ) -> FitResult:
-    """Fine-tune a fresh classifier on ``train_idx``; validate on ``val_idx`` after each epoch.
+    """Fine-tune a fresh classifier on ``train_idx``; validate on ``val_idx``.
 
-    With ``train.early_stopping_patience`` > 0 a fold stops after that many epochs without a
-    better ``monitor`` and its score is the best epoch's; otherwise the last epoch's.
+    With ``train.early_stopping_patience`` > 0 a fold validates every epoch, stops after that many
+    epochs without a better ``monitor`` and its score is the best epoch's; otherwise only the
+    last epoch is validated (every epoch with ``validate_every_epoch``) and it gives the score.
+    ``on_epoch(epoch, record)`` sees every epoch's record; when it answers True the fit stops
+    there (``FitResult.stopped``: a pruned trial).
     """
     model = load_classifier(model_params.name, model_params.num_hidden_layers, seed)
     forward = optimizer = scheduler = None
@@ -350,11 +355,12 @@ def fine_tune(
             result.epochs_run = epoch
 
             # validate, keep the best epoch, stop early when patience runs out. Without early
-            # stopping only the last epoch is scored, so only the last epoch is validated: on a
-            # CPU, scoring every validation pair of a fold costs 1.7 training epochs of the
-            # sample's fold (bench/curves.py: 5.3 s against 3.2 s, 1-layer MiniLM).
+            # stopping only the last epoch is scored, so only the last epoch is validated unless
+            # a per-epoch pruner needs every one: on a CPU, scoring every validation pair of a
+            # fold costs 1.7 training epochs of the sample's fold (bench/curves.py).
             patience = train_params.early_stopping_patience
-            if val_idx is not None and (patience or epoch == hp.num_train_epochs):
+            if val_idx is not None and (patience or validate_every_epoch
+                                        or epoch == hp.num_train_epochs):
                 start = time.perf_counter()
                 probs = predict(model, enc, val_idx, train_params.eval_batch_size, device)
                 result.eval_seconds += time.perf_counter() - start
@@ -369,8 +375,9 @@ def fine_tune(
                 if improved or not patience:
                     result.metrics, result.val_probs = scores, probs
             result.history.append(record)
-            if on_epoch is not None:
-                on_epoch(epoch, record)
+            if on_epoch is not None and on_epoch(epoch, record):
+                result.stopped = True
+                break
             if val_idx is not None and patience and since_best >= patience:
                 break
         result.padding_fraction = padding_fraction(enc.lengths, pads)

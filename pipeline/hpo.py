@@ -65,6 +65,7 @@ from pipeline.study import (
 from pipeline.study_outputs import FINISHED_STATES, write_outputs
 from pipeline.tracking import FAILED, FINISHED, KILLED, RunTree
 from pipeline.trial_process import (
+    EpochEnd,
     Failed,
     FoldEnd,
     Slot,
@@ -195,7 +196,7 @@ class Scheduler:
                     run = processes[process]
                     event = process.receive()
                     answer = run.handle(event)
-                    if isinstance(event, FoldEnd):
+                    if isinstance(event, (FoldEnd, EpochEnd)):
                         process.answer(bool(answer))
                     elif run.ended_at is not None:  # Finished or Failed
                         pending.remove(process)

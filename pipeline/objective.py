@@ -2,8 +2,9 @@
 
 The data are tokenised once (by the caller) and the folds and their negative subsamples are fixed
 for the whole study. A trial suggests hyperparameters, fine-tunes once per fold, reports the
-running aggregate after every fold (step = fold index) so that the pruner can stop a poor trial
-early, and ends with the aggregate. A trial that raises is FAIL with its reason, never PRUNED.
+running aggregate after every fold (step = fold index) or every epoch (``hpo.pruner.report``)
+so that the pruner can stop a poor trial early, and ends with the aggregate. A trial that
+raises is FAIL with its reason, never PRUNED.
 
 The work is split so that several trials can run at once (pipeline/hpo.py schedules them):
 :meth:`CrossValidation.start` asks Optuna for a trial and opens its MLflow run, the
@@ -106,6 +107,22 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchParam]) -> Hyperparamete
     return Hyperparameters(**values)
 
 
+def reports_epochs(params: Params) -> bool:
+    """True when the pruner hears every epoch (hpo.pruner.report: epoch), so every epoch is
+    validated; a study without a pruner validates what early stopping needs, no more."""
+    pruner = params.hpo.pruner
+    return pruner.name != "none" and pruner.report == "epoch"
+
+
+def epoch_stride(params: Params) -> int:
+    """Steps per fold of per-epoch reports: the most epochs the search space allows, so that
+    step ``fold * stride + epoch`` means the same fold and epoch in every trial."""
+    p = params.hpo.search_space["num_train_epochs"]
+    if p.type == "fixed":
+        return int(p.value)
+    return int(max(p.choices) if p.type == "categorical" else p.high)
+
+
 def fold_indices(folds: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train rows, validation rows) of each fold, from the per-row fold column."""
     return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(n_folds)]
@@ -122,12 +139,14 @@ class FoldRunner:
 
     def run(self, hp: Hyperparameters, number: int, seed_number: int,
             emit: Callable[[Event], bool | None], fault_spec: str | None = None) -> bool:
-        """True when every fold ran; False when ``emit`` answered "prune" after a fold.
+        """True when every fold ran; False when ``emit`` answered "prune" after a fold or (with
+        ``hpo.pruner.report: epoch``) an epoch; a fold stopped mid-way still sends its FoldEnd.
 
         Fold seeds come from ``seed_number`` (:func:`seed_index`), faults from ``number``.
         """
         train = self.params.train
         device = pick_device(train.device, train.cpu_threads, train.precision)
+        per_epoch = reports_epochs(self.params)
         for fold, (train_idx, val_idx) in enumerate(
                 progress(self.folds, f"trial {number} fold", plain=True, leave=False)):
             seed = derive_seed(self.params.seed, "trial", seed_number, "fold", fold)
@@ -138,6 +157,7 @@ class FoldRunner:
                 on_epoch=lambda epoch, record, fold=fold: emit(EpochEnd(fold, epoch, record)),
                 desc=f"trial {number} fold {fold}",
                 fault=faults.for_fold(number, fold, fault_spec),
+                validate_every_epoch=per_epoch,
             )
             summary = {
                 **result.metrics, "seed": seed, "epochs_run": result.epochs_run,
@@ -146,7 +166,7 @@ class FoldRunner:
                 "eval_seconds": round(result.eval_seconds, 3),
                 "padding_fraction": round(result.padding_fraction, 4),
             }
-            if emit(FoldEnd(fold, summary, result.val_probs)):
+            if emit(FoldEnd(fold, summary, result.val_probs)) or result.stopped:
                 return False
         return True
 
@@ -168,6 +188,7 @@ class TrialRun:
     folds: list[tuple[np.ndarray, np.ndarray]]
     labels: np.ndarray
     scores: list[float] = field(default_factory=list)
+    fold_best: float = float("-inf")  # the running fold's best validation score so far
     epochs: int = 0
     fit_seconds: list[float] = field(default_factory=list)
     fold_run: str | None = None
@@ -184,12 +205,13 @@ class TrialRun:
         return self.trial.number
 
     def handle(self, event: Event) -> bool | None:
-        """Record one event; for a FoldEnd, answer whether the trial must stop (prune)."""
+        """Record one event; for a FoldEnd or an EpochEnd, answer whether the trial must stop
+        (prune)."""
         try:
             if isinstance(event, FoldStart):
                 self._fold_start(event)
             elif isinstance(event, EpochEnd):
-                self.runs.log(self.fold_run, event.record, step=event.epoch)
+                return self._epoch_end(event)
             elif isinstance(event, FoldEnd):
                 return self._fold_end(event)
             elif isinstance(event, Finished):
@@ -213,6 +235,34 @@ class TrialRun:
             {"optuna.trial_number": self.number, "fold": event.fold, "seed": event.seed,
              "precision": event.precision})
 
+    def _epoch_end(self, event: EpochEnd) -> bool:
+        """Log the epoch; with ``hpo.pruner.report: epoch`` report it and ask the pruner.
+
+        Step = ``fold * epoch_stride + epoch`` (epochs trained so far when the trial's epochs
+        are the space's most); value = the fold aggregate of the finished folds' scores and this
+        fold's score so far (its best epoch with early stopping, as the fold would score if it
+        stopped here; else its latest). No pruning at the trial's last epoch: nothing is left."""
+        self.runs.log(self.fold_run, event.record, step=event.epoch)
+        hpo = self.params.hpo
+        if not reports_epochs(self.params) or len(self.trial.study.directions) > 1:
+            return False
+        score = event.record[f"val_{hpo.metric}"]
+        if not np.isfinite(score):
+            raise FloatingPointError(f"fold {event.fold} epoch {event.epoch}: {hpo.metric} is "
+                                     "not finite")
+        if event.epoch == 1:
+            self.fold_best = float("-inf")
+        self.fold_best = max(self.fold_best, score)
+        current = self.fold_best if self.params.train.early_stopping_patience else score
+        running = AGGREGATE[hpo.fold_aggregation]([*self.scores, current])
+        self.trial.report(running, step=event.fold * epoch_stride(self.params) + event.epoch)
+        last = event.fold + 1 == len(self.folds) and event.epoch == self.hp.num_train_epochs
+        if not last and self.trial.should_prune():
+            self.pruned = (f"{hpo.fold_aggregation} {hpo.metric} {running:.4f} after fold "
+                           f"{event.fold} epoch {event.epoch}")
+            return True
+        return False
+
     def _fold_end(self, event: FoldEnd) -> bool:
         hpo, fold, summary = self.params.hpo, event.fold, event.summary
         self.oof[self.folds[fold][1]] = event.probs
@@ -220,7 +270,7 @@ class TrialRun:
         self.fit_seconds.append(summary["train_seconds"] + summary["eval_seconds"])
         self.trial.set_user_attr(f"fold{fold}", summary)
         self.runs.log(self.fold_run, {k: v for k, v in summary.items() if k != "seed"})
-        self.runs.end(self.fold_run, FINISHED)
+        self.runs.end(self.fold_run, FINISHED if self.pruned is None else KILLED)
         self.fold_run = None
         score = summary[hpo.metric]
         if not np.isfinite(score):
@@ -229,8 +279,10 @@ class TrialRun:
         running = AGGREGATE[hpo.fold_aggregation](self.scores)
         self.runs.log(self.run_id, {f"fold{fold}_{k}": summary[k]
                                     for k in ("macro_f1", "pos_f1", "roc_auc", "pr_auc")})
-        if len(self.trial.study.directions) > 1:
-            return False  # Optuna cannot prune multi-objective trials
+        if self.pruned is not None:  # pruned mid-fold (per-epoch reports)
+            return True
+        if len(self.trial.study.directions) > 1 or reports_epochs(self.params):
+            return False  # Optuna cannot prune multi-objective trials; or pruned per epoch
         self.trial.report(running, step=fold)
         if fold + 1 < len(self.folds) and self.trial.should_prune():
             self.pruned = f"{hpo.fold_aggregation} {hpo.metric} {running:.4f} after fold {fold}"

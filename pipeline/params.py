@@ -224,8 +224,11 @@ class PrunerParams:
     name: Literal["median", "percentile", "none"]
     n_startup_trials: StrictInt
     n_warmup_steps: StrictInt
-    # percentile pruner: keep the trials in the top `percentile` % at each fold
+    # percentile pruner: keep the trials in the top `percentile` % at each step
     percentile: StrictFloat
+    # fold: one report after each fold (step = fold index); epoch: one after every epoch of every
+    # fold (step = epochs trained so far; every epoch is validated)
+    report: Literal["fold", "epoch"]
 
     def __post_init__(self) -> None:
         _check(0 < self.percentile < 100, "hpo.pruner.percentile",

@@ -51,8 +51,11 @@ def study_definition(params: Params, pairs_digest: str,
 
 
 def _pruner_definition(params: Params) -> dict[str, Any]:
-    """The pruner's settings that act: the percentile only defines a percentile pruner."""
+    """The pruner's settings that act: the percentile only defines a percentile pruner, and
+    no setting but the name defines the absent pruner (``none``)."""
     d = asdict(params.hpo.pruner)
+    if d["name"] == "none":
+        return {"name": "none"}
     if d["name"] != "percentile":
         d.pop("percentile")
     return d
@@ -94,7 +97,11 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     p = params.hpo.pruner
     if p.name == "none":
         return optuna.pruners.NopPruner()
-    # One report per fold (step = fold index), so interval 1 and warmup counted in folds.
+    # One report per fold (step = fold index) or per epoch (step = epochs trained so far,
+    # hpo.pruner.report), so interval 1 and the warmup counted in folds or epochs. Both pruners
+    # compare with COMPLETE trials only, which the stage tells at the end of a wave: a decision
+    # never depends on how the trials of a wave are timed (successive halving and Hyperband
+    # read RUNNING trials' values, which is why they are not offered).
     if p.name == "percentile":  # median = percentile 50; a lower percentile prunes more
         return optuna.pruners.PercentilePruner(
             p.percentile, n_startup_trials=p.n_startup_trials,

@@ -38,7 +38,8 @@ from pipeline.model import resolve_model_path
 from pipeline.params import ParamsError
 
 
-# Events, child -> stage. The stage answers a FoldEnd with True (prune) or False.
+# Events, child -> stage. The stage answers a FoldEnd or an EpochEnd with True (prune)
+# or False.
 @dataclass(frozen=True)
 class FoldStart:
     fold: int
@@ -62,7 +63,7 @@ class FoldEnd:
 
 @dataclass(frozen=True)
 class Finished:
-    completed: bool  # False: the stage answered "prune" after a fold
+    completed: bool  # False: the stage answered "prune" after a fold or an epoch
     peak_rss_mb: float
     peak_gpu_mb: float | None
 
@@ -205,7 +206,7 @@ def _child_main(conn, runner: Runner, hp: Any, number: int, seed_number: int, sl
 
     def emit(event: Event) -> bool | None:
         conn.send(event)
-        return conn.recv() if isinstance(event, FoldEnd) else None
+        return conn.recv() if isinstance(event, (FoldEnd, EpochEnd)) else None
 
     try:
         completed = runner.run(hp, number, seed_number, emit, fault_spec)

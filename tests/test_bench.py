@@ -60,6 +60,11 @@ def test_replay_costs_and_picks_follow_the_table(tmp_path):
     median = replay_mod.replay(table, _policy("fold_median"), order, seed=0)
     assert median["pruned"] == 4 and median["pick"] == 0
     assert median["cost"] == pytest.approx((4 + 4) * full_fold)
+    # median pruning per epoch validates every epoch and stops trials 2..5 after their first
+    median_epoch = replay_mod.replay(table, _policy("epoch_median"), order, seed=0)
+    assert median_epoch["pruned"] == 4 and median_epoch["pick"] == 0
+    assert median_epoch["cost"] == pytest.approx(2 * 2 * 3 * (TRAIN_S + EVAL_S)
+                                                 + 4 * (TRAIN_S + EVAL_S))
     # early stopping (patience 1) validates every epoch; trial 1 stops after epoch 3 (no gain)
     # and scores its best epoch, 0.8, so the policy picks it
     es = replay_mod.replay(table, _policy("none+es"), order, seed=0)

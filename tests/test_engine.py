@@ -132,6 +132,23 @@ def test_early_stopping_stops_and_scores_the_best_epoch(tiny):
     assert result.metrics["pr_auc"] == pytest.approx(result.history[0]["val_pr_auc"])
 
 
+def test_every_epoch_validated_and_a_stop_from_on_epoch(tiny):
+    # what a per-epoch pruner needs: every epoch scored, and the fit ends where it says "stop"
+    model_params, enc = tiny
+    seen = []
+
+    def on_epoch(epoch, record):
+        seen.append((epoch, "val_pr_auc" in record))
+        return epoch == 2
+
+    result = fine_tune(model_params, TRAIN, dataclasses.replace(HP, num_train_epochs=4), enc,
+                       np.arange(64), seed=5, device=pick_device("cpu"),
+                       val_idx=np.arange(64, 96), on_epoch=on_epoch, validate_every_epoch=True)
+    assert seen == [(1, True), (2, True)]
+    assert result.stopped and result.epochs_run == 2
+    assert result.metrics["pr_auc"] == pytest.approx(result.history[1]["val_pr_auc"])
+
+
 def test_non_finite_loss_is_detected(tiny):
     model_params, enc = tiny
     hp = dataclasses.replace(HP, learning_rate=1e30, per_device_train_batch_size=8)

@@ -40,15 +40,16 @@ def _rows(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _add_finished_trials(params, values: list[float]) -> None:
-    """Finished trials scoring ``value`` on both folds, in the study the hpo stage will open."""
+def _add_finished_trials(params, values: list[float], steps=(0, 1)) -> None:
+    """Finished trials scoring ``value`` on both folds (reported at ``steps``), in the study the
+    hpo stage will open."""
     definition = study_definition(params, hashlib.sha256(
         Path(params.paths.pairs).read_bytes()).hexdigest())
     study = optuna.create_study(storage=storage_url(params), direction="maximize",
                                 study_name=study_name(params.hpo.study_prefix, definition))
     for value in values:
         study.add_trial(optuna.trial.create_trial(
-            value=value, intermediate_values={0: value, 1: value},
+            value=value, intermediate_values={step: value for step in steps},
             user_attrs={"hyperparameters": {"num_train_epochs": 1}, "fold0": {"pr_auc": value},
                         "fold1": {"pr_auc": value}}))
 
@@ -86,7 +87,8 @@ def test_study_name_is_a_fingerprint_of_the_objective(params):
         _hpo(params, metric="roc_auc"),
         _hpo(params, fold_aggregation="median"),
         _hpo(params, pruner=replace(params.hpo.pruner, name="none")),
-        _hpo(params, pruner=replace(params.hpo.pruner, name="percentile")),
+        _hpo(params, pruner=replace(params.hpo.pruner, name="median")),
+        _hpo(params, pruner=replace(params.hpo.pruner, report="epoch")),
         _hpo(params, sampler=replace(params.hpo.sampler, name="random")),
         replace(params, model=replace(params.model, max_length=32)),
         replace(params, prepare=replace(params.prepare, n_folds=3)),
@@ -95,14 +97,15 @@ def test_study_name_is_a_fingerprint_of_the_objective(params):
     for other in changed:
         assert study_name("s", study_definition(other, "abc")) != name
     assert study_name("s", study_definition(params, "abd")) != name
-    # the percentile defines only a percentile pruner's study
-    assert params.hpo.pruner.name == "median"
-    other = _hpo(params, pruner=replace(params.hpo.pruner, percentile=10.0))
-    assert study_name("s", study_definition(other, "abc")) == name
-    percentile = _hpo(params, pruner=replace(params.hpo.pruner, name="percentile"))
-    assert study_name("s", study_definition(percentile, "abc")) != study_name(
-        "s", study_definition(replace(percentile, hpo=replace(
-            percentile.hpo, pruner=replace(percentile.hpo.pruner, percentile=10.0))), "abc"))
+    # the percentile defines only a percentile pruner's study; no setting but its name the
+    # absent pruner's
+    def named(**changes):
+        return study_name("s", study_definition(
+            _hpo(params, pruner=replace(params.hpo.pruner, **changes)), "abc"))
+
+    assert named(name="median") == named(name="median", percentile=10.0)
+    assert named(name="percentile") != named(name="percentile", percentile=10.0)
+    assert named(name="none") == named(name="none", report="epoch", n_startup_trials=9)
 
 
 def test_run_writes_outputs_logs_the_run_tree_and_resumes(params):
@@ -170,6 +173,26 @@ def test_pruning_is_fed_once_per_fold(params):
     assert metrics["n_pruned"] == 1 and metrics["fold_fits_run"] == 3
     assert MlflowClient(tracking_uri()).get_run(
         pruned.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_per_epoch_reports_prune_inside_a_fold(params):
+    # 2 epochs per fold, a report after each (steps 1..4); a finished trial scored a perfect 1.0
+    # at every step, so a real trial is pruned at its first epoch, half-way through fold 0.
+    space = dict(params.hpo.search_space)
+    space["num_train_epochs"] = SearchParam("num_train_epochs", "fixed", value=2)
+    params = _hpo(params, search_space=space, n_trials=2,
+                  pruner=replace(params.hpo.pruner, n_startup_trials=1, report="epoch"))
+    _add_finished_trials(params, [1.0], steps=(1, 2, 3, 4))
+    metrics = hpo.run(params)
+    pruned = _study(params).trials[1]
+    assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [1]
+    assert pruned.user_attrs["fold0"]["epochs_run"] == 1 and "fold1" not in pruned.user_attrs
+    assert metrics["n_pruned"] == 1 and metrics["epochs_run"] == 1  # the added trial has none
+    fold_run = next(r for r in _runs(params) if r.info.run_name == "trial-1-fold-0")
+    assert fold_run.info.status == "KILLED"
+    assert f"val_{params.hpo.metric}" in fold_run.data.metrics  # epoch 1 was validated
+    rows = [r for r in _rows(params.paths.fold_metrics) if r["trial"] == "1"]
+    assert [(r["fold"], r["state"], r["epochs_run"]) for r in rows] == [("0", "PRUNED", "1")]
 
 
 def test_percentile_pruner_prunes_a_trial_outside_the_kept_percentile(params):
