@@ -202,7 +202,9 @@ def load_table(path: Path, metric: str) -> tuple[Table, pd.DataFrame]:
 def replay(table: Table, policy: Policy, order: np.ndarray, seed: int) -> dict:
     """One study: the trials of ``order`` through ``policy``; its cost, pick and pruned count."""
     n_trials, n_folds, n_epochs = table.metric.shape
-    study = optuna.create_study(direction="maximize",
+    # named: Hyperband assigns brackets by hashing the study name (an unnamed study gets a
+    # random one, and the replay would change from run to run)
+    study = optuna.create_study(study_name=f"replay-{seed}", direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=seed),
                                 pruner=policy.make_pruner(n_folds * n_epochs))
     every_epoch = policy.report == "epoch"

@@ -161,6 +161,9 @@ def run(params: Params) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         result.model.save_pretrained(tmp)
+        # transformers records how the tokenizer was loaded (local_files_only: whether
+        # HF_HUB_OFFLINE was set); the saved directory must not depend on the environment
+        tokenizer.init_kwargs.pop("local_files_only", None)
         tokenizer.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(out, ignore_errors=True)

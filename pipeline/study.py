@@ -97,11 +97,11 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     p = params.hpo.pruner
     if p.name == "none":
         return optuna.pruners.NopPruner()
-    # One report per fold (step = fold index) or per epoch (step = epochs trained so far,
-    # hpo.pruner.report), so interval 1 and the warmup counted in folds or epochs. Both pruners
-    # compare with COMPLETE trials only, which the stage tells at the end of a wave: a decision
-    # never depends on how the trials of a wave are timed (successive halving and Hyperband
-    # read RUNNING trials' values, which is why they are not offered).
+    # One report per fold (step = fold index) or per epoch (step = fold x the space's most
+    # epochs + epoch, hpo.pruner.report), so interval 1 and the warmup counted in folds or
+    # epochs. Both pruners compare with COMPLETE trials only, which the stage tells at the end
+    # of a wave: a decision never depends on how the trials of a wave are timed (successive
+    # halving and Hyperband read RUNNING trials' values, which is why they are not offered).
     if p.name == "percentile":  # median = percentile 50; a lower percentile prunes more
         return optuna.pruners.PercentilePruner(
             p.percentile, n_startup_trials=p.n_startup_trials,
