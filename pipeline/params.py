@@ -227,7 +227,7 @@ class PrunerParams:
     # percentile pruner: keep the trials in the top `percentile` % at each step
     percentile: StrictFloat
     # fold: one report after each fold (step = fold index); epoch: one after every epoch of every
-    # fold (step = epochs trained so far; every epoch is validated)
+    # fold (step = fold x the search space's most epochs + epoch; every epoch is validated)
     report: Literal["fold", "epoch"]
 
     def __post_init__(self) -> None:
