@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Stages run `python -m pipeline.<stage>`: put the venv first on PATH for DVC's subprocesses.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-# Extra installer options (uv and pip read the same ones), e.g. PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# Extra installer options (uv and pip read the same ones), e.g.
+# PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_OPTS ?=
 
 .PHONY: help install data repro test test-fast lint bench report quick full predict clean

@@ -149,11 +149,11 @@ def evaluate(table: Table, orders: list[np.ndarray], fold_noise: float,
     """Every policy on studies of the trials in ``orders``: compute saved against the same
     trials unpruned, and regret against the best of the trials each study saw."""
     full = table.full_value
+    unpruned = np.array([table.unpruned_cost(order) for order in orders])  # same for all policies
     results = {}
     for policy in policies(patience):
         runs = [replay(table, policy, order, seed=k) for k, order in enumerate(orders)]
-        saved = np.array([1 - r["cost"] / table.unpruned_cost(order)
-                          for r, order in zip(runs, orders, strict=True)])
+        saved = 1 - np.array([r["cost"] for r in runs]) / unpruned
         regret = np.array([full[order].max() - full[r["pick"]]
                            for r, order in zip(runs, orders, strict=True)])
         results[policy.name] = {
