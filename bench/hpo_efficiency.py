@@ -4,9 +4,9 @@ Four arms share the data, the folds, the sampler and its seed, and differ only i
 ``hpo.pruner.name`` and ``train.early_stopping_patience``:
 
 * ``none``: no pruning, no early stopping (only the last epoch of a fold is validated);
-* ``early_stopping``: no pruning, early stopping with patience 1 (every epoch validated);
+* ``early_stopping``: no pruning, early stopping with ``--patience`` (every epoch validated);
 * ``pruning``: ``hpo.pruner`` of params.yaml (the default chosen by bench/pruning_replay.py),
-  no early stopping;
+  reporting per ``--report`` (default: params.yaml's ``hpo.pruner.report``), no early stopping;
 * ``both``: that pruner and early stopping.
 
 Each arm runs the real stages in a temporary workspace (own study file and MLflow store) in a
@@ -14,8 +14,10 @@ fresh process, with the model of ``bench/curves.py`` (``model.name`` cut to ``--
 layers), and reports the wall-clock seconds of the hpo stage next to fold fits and epochs run
 and the best value. Writes ``bench/results/hpo_efficiency.json``.
 
-Usage: ``python bench/hpo_efficiency.py [--seeds 1] [--trials 30] [--layers 1]``. One seed of 30
-trials costs about 4 x 30 trials x 1-1.5 min on a 2-core CPU: run it where that budget exists.
+Usage: ``python bench/hpo_efficiency.py [--seeds 1] [--trials 30] [--layers 1] [--report epoch]
+[--patience 1]``. One seed of 30 trials costs about 4 x 30 trials x 1-1.5 min on a 2-core CPU: run
+it where that budget exists. The JSON is rewritten after every seed, so an interrupted run keeps
+the seeds it finished.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ARMS = {"none": (False, 0), "early_stopping": (False, 1), "pruning": (True, 0),
-        "both": (True, 1)}
+ARMS = {"none": (False, False), "early_stopping": (False, True), "pruning": (True, False),
+        "both": (True, True)}  # arm: (pruner of params.yaml, early stopping)
 
 
-def study_params(seed: int, arm: str, trials: int, layers: int, workdir: Path) -> dict:
+def study_params(seed: int, arm: str, trials: int, layers: int, report: str, patience: int,
+                 workdir: Path) -> dict:
     from pipeline.params import YamlLoader
 
     raw = yaml.load((ROOT / "params.yaml").read_text(encoding="utf-8"), Loader=YamlLoader)
@@ -48,16 +51,17 @@ def study_params(seed: int, arm: str, trials: int, layers: int, workdir: Path) -
     for key, value in raw["paths"].items():  # every output goes to the temporary workspace
         if not value.startswith(str(ROOT)):
             raw["paths"][key] = str(workdir / value)
-    prune, patience = ARMS[arm]
+    prune, stop_early = ARMS[arm]
     raw["model"]["num_hidden_layers"] = layers
-    raw["train"]["early_stopping_patience"] = patience
+    raw["train"]["early_stopping_patience"] = patience if stop_early else 0
     raw["hpo"].update(n_trials=trials, mlflow_experiment="bench-hpo-efficiency")
+    raw["hpo"]["pruner"]["report"] = report
     if not prune:
         raw["hpo"]["pruner"]["name"] = "none"
     return raw
 
 
-def _child(seed: int, arm: str, trials: int, layers: int) -> None:
+def _child(seed: int, arm: str, trials: int, layers: int, report: str, patience: int) -> None:
     from pipeline import hpo, prepare
     from pipeline.params import parse_params
 
@@ -66,43 +70,19 @@ def _child(seed: int, arm: str, trials: int, layers: int) -> None:
         (workdir / ".dvc").mkdir()
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
         os.chdir(workdir)
-        params = parse_params(study_params(seed, arm, trials, layers, workdir))
+        params = parse_params(study_params(seed, arm, trials, layers, report, patience,
+                                                workdir))
         prepare.run(params)
         start = time.perf_counter()
         metrics = hpo.run(params)
         metrics["wall_seconds"] = time.perf_counter() - start
         metrics["pruner"] = params.hpo.pruner.name
+        metrics["report"] = params.hpo.pruner.report
     print("RESULT " + json.dumps(metrics))
 
 
-def main() -> None:
-    from pipeline.common import write_json
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--child", nargs=4, metavar=("SEED", "ARM", "TRIALS", "LAYERS"))
-    args = parser.parse_args()
-    if args.child:
-        _child(int(args.child[0]), args.child[1], int(args.child[2]), int(args.child[3]))
-        return
-
-    runs = []
-    for seed in range(1, args.seeds + 1):
-        for arm in ARMS:  # interleaved, so machine drift hits every arm alike
-            out = subprocess.run([sys.executable, __file__, "--child", str(seed), arm,
-                                  str(args.trials), str(args.layers)],
-                                 capture_output=True, text=True, cwd=ROOT)
-            if out.returncode:
-                sys.exit(f"seed {seed} {arm} failed:\n{out.stderr[-3000:]}")
-            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-            m = json.loads(line[len("RESULT "):])
-            runs.append({"seed": seed, "arm": arm, **m})
-            print(f"  seed {seed} {arm:15s}: {m['wall_seconds']:7.0f} s, fold fits "
-                  f"{m['fold_fits_run']}/{m['fold_fits_possible']}, epochs {m['epochs_run']}/"
-                  f"{m['epochs_possible']}, best {m['best_value']:.4f}", flush=True)
-
+def summary(runs: list[dict], args: argparse.Namespace) -> dict:
+    """Totals per arm over the seeds finished so far (each arm paired with the none arm)."""
     def total(arm: str, key: str) -> float:
         return sum(r[key] for r in runs if r["arm"] == arm)
 
@@ -115,26 +95,74 @@ def main() -> None:
             "wall_saved_fraction": 1 - total(arm, "wall_seconds") / total("none", "wall_seconds"),
             "fold_fits_run": total(arm, "fold_fits_run"),
             "epochs_run": total(arm, "epochs_run"),
+            "n_pruned": total(arm, "n_pruned"),
             "best_value_mean": float(np.mean([r["best_value"] for r in mine])),
             "best_value_delta": float(np.mean([m["best_value"] - b["best_value"]
                                                for b, m in zip(base, mine, strict=True)])),
         }
-    result = {
+    seeds = sorted({r["seed"] for r in runs})
+    return {
         "arms": arms,
         "fold_noise": float(np.mean([r["best_fold_std"] for r in runs])),
         "pruner": next(r["pruner"] for r in runs if r["arm"] == "pruning"),
-        "setup": {"seeds": args.seeds, "trials": args.trials, "layers": args.layers,
-                  "early_stopping_patience": 1},
+        "report": args.report,
+        "setup": {"seeds": seeds, "trials": args.trials, "layers": args.layers,
+                  "early_stopping_patience": args.patience, "report": args.report},
         "command": f"python bench/hpo_efficiency.py --seeds {args.seeds} --trials "
-                   f"{args.trials} --layers {args.layers}",
+                   f"{args.trials} --layers {args.layers} --report {args.report} "
+                   f"--patience {args.patience}",
         "runs": runs,
     }
-    write_json(RESULTS / "hpo_efficiency.json", result)
+
+
+def main() -> None:
+    from pipeline.common import write_json
+    from pipeline.params import load_params
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--report", choices=("fold", "epoch"), default=None,
+                        help="how the pruning arms report (default: params.yaml)")
+    parser.add_argument("--patience", type=int, default=1,
+                        help="early stopping patience of the early-stopping arms")
+    parser.add_argument("--child", nargs=6,
+                        metavar=("SEED", "ARM", "TRIALS", "LAYERS", "REPORT", "PATIENCE"))
+    args = parser.parse_args()
+    if args.child:
+        seed, arm, trials, layers, report, patience = args.child
+        _child(int(seed), arm, int(trials), int(layers), report, int(patience))
+        return
+    if args.patience < 1:
+        parser.error("--patience must be at least 1 (the early-stopping arms need it)")
+    args.report = args.report or load_params(ROOT / "params.yaml").hpo.pruner.report
+
+    runs: list[dict] = []
+    for seed in range(1, args.seeds + 1):
+        for arm in ARMS:  # interleaved, so machine drift hits every arm alike
+            out = subprocess.run([sys.executable, __file__, "--child", str(seed), arm,
+                                  str(args.trials), str(args.layers), args.report,
+                                  str(args.patience)],
+                                 capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:
+                sys.exit(f"seed {seed} {arm} failed:\n{out.stderr[-3000:]}")
+            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+            m = json.loads(line[len("RESULT "):])
+            runs.append({"seed": seed, "arm": arm, **m})
+            print(f"  seed {seed} {arm:15s}: {m['wall_seconds']:7.0f} s, fold fits "
+                  f"{m['fold_fits_run']}/{m['fold_fits_possible']}, epochs {m['epochs_run']}/"
+                  f"{m['epochs_possible']}, pruned {m['n_pruned']}, best {m['best_value']:.4f}",
+                  flush=True)
+        result = summary(runs, args)
+        write_json(RESULTS / "hpo_efficiency.json", result)  # every finished seed is kept
+
     print(f"\n{'arm':15s} {'wall s':>8s} {'saved':>6s} {'fold fits':>10s} {'epochs':>7s} "
-          f"{'best':>7s}")
-    for arm, a in arms.items():
+          f"{'pruned':>7s} {'best':>7s}")
+    for arm, a in result["arms"].items():
         print(f"{arm:15s} {a['wall_seconds']:8.0f} {a['wall_saved_fraction']:6.0%} "
-              f"{a['fold_fits_run']:10.0f} {a['epochs_run']:7.0f} {a['best_value_mean']:7.4f}")
+              f"{a['fold_fits_run']:10.0f} {a['epochs_run']:7.0f} {a['n_pruned']:7.0f} "
+              f"{a['best_value_mean']:7.4f}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def _load(name: str):
 
 replay_mod = _load("pruning_replay")
 curves_mod = _load("curves")
+efficiency_mod = _load("hpo_efficiency")
 
 # trial x fold x epoch; 2 folds, 3 epochs. Trials 0 and 1 are good, 2..5 clearly worse on both
 # folds from the first epoch; trial 1 peaks at epoch 2 (early stopping keeps that epoch).
@@ -89,3 +90,39 @@ def test_curves_refuse_to_merge_rows_of_another_setup(tmp_path):
     assert list(merged["trial"]) == [0, 0, 1, 1]
     with pytest.raises(SystemExit, match="another setup"):
         curves_mod.merge(rows.assign(setup="b"), "b", path)
+
+
+def test_hpo_efficiency_arms_differ_only_in_pruner_and_early_stopping(tmp_path):
+    from pipeline.params import load_params, parse_params
+
+    default = load_params(ROOT / "params.yaml")
+    arms = {arm: parse_params(efficiency_mod.study_params(3, arm, 7, 1, "epoch", 2, tmp_path))
+            for arm in efficiency_mod.ARMS}
+    assert {a: (p.hpo.pruner.name, p.train.early_stopping_patience) for a, p in arms.items()} == {
+        "none": ("none", 0), "early_stopping": ("none", 2),
+        "pruning": (default.hpo.pruner.name, 0), "both": (default.hpo.pruner.name, 2)}
+    for p in arms.values():
+        assert (p.seed, p.hpo.n_trials, p.model.num_hidden_layers) == (3, 7, 1)
+        assert p.hpo.pruner.report == "epoch"
+        assert p.paths.study_db.startswith(str(tmp_path))  # outputs never touch the checkout
+        assert p.paths.posts == str(ROOT / default.paths.posts)
+
+
+def test_hpo_efficiency_summary_pairs_each_arm_with_the_none_arm():
+    import argparse
+
+    def run(seed, arm, wall, best):
+        return {"seed": seed, "arm": arm, "wall_seconds": wall, "fold_fits_run": 4,
+                "epochs_run": 10, "n_pruned": int(arm in ("pruning", "both")),
+                "best_value": best, "best_fold_std": 0.02, "pruner": "percentile"}
+
+    arms = (("none", 100, 0.5), ("early_stopping", 150, 0.5), ("pruning", 60, 0.49),
+            ("both", 50, 0.47))
+    runs = [run(s, arm, wall, best + s / 10) for s in (1, 2) for arm, wall, best in arms]
+    args = argparse.Namespace(seeds=2, trials=10, layers=1, report="epoch", patience=1)
+    result = efficiency_mod.summary(runs, args)
+    assert result["arms"]["early_stopping"]["wall_saved_fraction"] == pytest.approx(-0.5)
+    assert result["arms"]["both"]["wall_saved_fraction"] == pytest.approx(0.5)
+    assert result["arms"]["both"]["best_value_delta"] == pytest.approx(-0.03)
+    assert result["arms"]["pruning"]["n_pruned"] == 2
+    assert result["setup"]["seeds"] == [1, 2] and result["fold_noise"] == pytest.approx(0.02)

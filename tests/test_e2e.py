@@ -62,6 +62,9 @@ def _assert_all_outputs(repo: Path) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(repo / p["model_dir"])
     assert model.config.num_labels == 2
     assert AutoTokenizer.from_pretrained(repo / p["model_dir"]) is not None
+    # the tests run with HF_HUB_OFFLINE=1, which transformers would record in the saved tokenizer
+    # config: the model directory (a DVC output) must not depend on the environment
+    assert "local_files_only" not in _json(repo / p["model_dir"] / "tokenizer_config.json")
 
     evaluation = _json(repo / p["eval_metrics"])
     for key in ("macro_f1", "pos_f1", "roc_auc", "pr_auc",
