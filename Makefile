@@ -68,15 +68,15 @@ lint: install
 
 # Benchmarks print their tables and write bench/results/ (see README, "Benchmarks"): throughput
 # and the engine's epoch profile, the learning-curve table and the pruning replay on it, the
-# chosen pruning policy end to end, parallel trials, and the training-recipe curves (hours on
-# 2 cores; each script can be run alone).
+# 30-trial pruning policy (per-epoch reports) end to end, parallel trials, and the
+# training-recipe curves (hours on 2 cores; each script can be run alone).
 bench: data
 	$(BIN)/dvc repro prepare
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/train_throughput.py --profile
 	$(BIN)/python bench/curves.py --trials 0-29
 	$(BIN)/python bench/pruning_replay.py
-	$(BIN)/python bench/hpo_efficiency.py
+	$(BIN)/python bench/hpo_efficiency.py --report epoch
 	$(BIN)/python bench/study_speed.py
 	$(BIN)/python bench/recipe_curves.py
 
