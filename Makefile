@@ -76,7 +76,7 @@ bench: data
 	$(BIN)/python bench/train_throughput.py --profile
 	$(BIN)/python bench/curves.py --trials 0-29
 	$(BIN)/python bench/pruning_replay.py
-	$(BIN)/python bench/hpo_efficiency.py --report epoch
+	$(BIN)/python bench/hpo_efficiency.py --report epoch --out bench/results/hpo_efficiency_30.json
 	$(BIN)/python bench/study_speed.py
 	$(BIN)/python bench/recipe_curves.py
 

@@ -79,13 +79,17 @@ def policies(patience: int = PATIENCE, warmup: int = 0) -> list[Policy]:
     percentile pruners' ``n_warmup_steps`` (hpo.pruner.n_warmup_steps)."""
     p = optuna.pruners
     w = warmup
+    # The stage reports a fold at step = fold index (0, 1, ...), the replay at folds done (1, 2,
+    # ...: successive halving reads the step as its resource), so a fold policy's warmup is one
+    # more here; per-epoch steps are the stage's (fold x epochs + epoch, from 1).
+    wf = warmup + 1
     base = [
         Policy("none", "none", lambda n: p.NopPruner(), available=True),
         Policy("fold_median", "fold",
-               lambda n: p.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=w),
+               lambda n: p.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=wf),
                available=True),
         Policy("fold_percentile25", "fold",
-               lambda n: p.PercentilePruner(25.0, n_startup_trials=STARTUP, n_warmup_steps=w),
+               lambda n: p.PercentilePruner(25.0, n_startup_trials=STARTUP, n_warmup_steps=wf),
                available=True),
         Policy("fold_wilcoxon", "fold",
                lambda n: p.WilcoxonPruner(p_threshold=0.1, n_startup_steps=1), fold_values=True),

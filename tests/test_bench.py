@@ -1,4 +1,6 @@
-"""The pruning replay (bench/pruning_replay.py): the benchmark that chooses hpo.pruner.
+"""The benchmarks' logic that decides defaults: the pruning replay (bench/pruning_replay.py,
+which chooses hpo.pruner), the curves table's merge (bench/curves.py) and the end-to-end check's
+arms and summary (bench/hpo_efficiency.py).
 
 A constructed learning-curve table with known costs goes through the real Optuna pruners; the
 cost, the pick and the refusals are checked against what the table implies.
@@ -76,6 +78,22 @@ def test_replay_costs_and_picks_follow_the_table(tmp_path):
     assert table.full_value[0] - table.full_value[1] == pytest.approx(0.1)
 
 
+def test_replay_warmup_steps_match_the_stage(tmp_path):
+    table, _ = replay_mod.load_table(_table(tmp_path / "curves.csv"), "pr_auc")
+    order = np.arange(len(VALUES))
+    policy = {p.name: p for p in replay_mod.policies(warmup=2)}
+    # per epoch, steps 1, 2, ...: 2 warmup steps let trials 2..5 run epochs 1 and 2 of fold 0
+    median_epoch = replay_mod.replay(table, policy["epoch_median"], order, seed=0)
+    assert median_epoch["pruned"] == 4
+    assert median_epoch["cost"] == pytest.approx(2 * 2 * 3 * (TRAIN_S + EVAL_S)
+                                                 + 4 * 2 * (TRAIN_S + EVAL_S))
+    # per fold the stage's steps are fold indexes 0, 1: warmup 1 protects fold 0, and with 2
+    # folds nothing is left to prune (the last fold never is)
+    one = {p.name: p for p in replay_mod.policies(warmup=1)}
+    none = replay_mod.replay(table, policy["none"], order, seed=0)
+    assert replay_mod.replay(table, one["fold_median"], order, seed=0) == none
+
+
 def test_replay_refuses_an_incomplete_table(tmp_path):
     path = _table(tmp_path / "curves.csv", drop_last_row=True)
     with pytest.raises(SystemExit, match="curves.csv: 35 rows, expected 36"):
@@ -108,21 +126,27 @@ def test_hpo_efficiency_arms_differ_only_in_pruner_and_early_stopping(tmp_path):
         assert p.paths.posts == str(ROOT / default.paths.posts)
 
 
-def test_hpo_efficiency_summary_pairs_each_arm_with_the_none_arm():
+def test_hpo_efficiency_summary_pairs_each_arm_with_the_none_arm_of_its_seed():
     import argparse
 
-    def run(seed, arm, wall, best):
-        return {"seed": seed, "arm": arm, "wall_seconds": wall, "fold_fits_run": 4,
-                "epochs_run": 10, "n_pruned": int(arm in ("pruning", "both")),
-                "best_value": best, "best_fold_std": 0.02, "pruner": "percentile"}
-
-    arms = (("none", 100, 0.5), ("early_stopping", 150, 0.5), ("pruning", 60, 0.49),
-            ("both", 50, 0.47))
-    runs = [run(s, arm, wall, best + s / 10) for s in (1, 2) for arm, wall, best in arms]
-    args = argparse.Namespace(seeds=2, trials=10, layers=1, report="epoch", patience=1)
-    result = efficiency_mod.summary(runs, args)
-    assert result["arms"]["early_stopping"]["wall_saved_fraction"] == pytest.approx(-0.5)
-    assert result["arms"]["both"]["wall_saved_fraction"] == pytest.approx(0.5)
-    assert result["arms"]["both"]["best_value_delta"] == pytest.approx(-0.03)
-    assert result["arms"]["pruning"]["n_pruned"] == 2
-    assert result["setup"]["seeds"] == [1, 2] and result["fold_noise"] == pytest.approx(0.02)
+    # best value and wall-clock per (seed, arm); the runs come in seed-major order as in main()
+    best = {1: {"none": 0.50, "early_stopping": 0.52, "pruning": 0.50, "both": 0.49},
+            2: {"none": 0.60, "early_stopping": 0.60, "pruning": 0.56, "both": 0.55}}
+    wall = {"none": 100, "early_stopping": 150, "pruning": 60, "both": 50}
+    runs = [{"seed": seed, "arm": arm, "wall_seconds": wall[arm] * seed, "fold_fits_run": 4,
+             "epochs_run": 10, "n_pruned": int(arm in ("pruning", "both")),
+             "best_value": value, "best_fold_std": 0.01 * seed, "pruner": "percentile"}
+            for seed, arms in best.items() for arm, value in arms.items()]
+    args = argparse.Namespace(seeds=2, trials=10, layers=1, report="epoch", patience=1,
+                              out=efficiency_mod.OUT)
+    result = efficiency_mod.summary(runs[::-1], args)  # pairing must not rely on the order
+    arms = result["arms"]
+    assert arms["both"]["best_value_delta_by_seed"] == pytest.approx({"1": -0.01, "2": -0.05})
+    assert arms["both"]["best_value_delta"] == pytest.approx(-0.03)
+    assert arms["early_stopping"]["best_value_delta_by_seed"] == pytest.approx(
+        {"1": 0.02, "2": 0.0})
+    assert arms["early_stopping"]["wall_saved_fraction"] == pytest.approx(-0.5)
+    assert arms["both"]["wall_saved_fraction"] == pytest.approx(0.5)
+    assert arms["pruning"]["n_pruned"] == 2 and arms["none"]["fold_fits_run"] == 8
+    assert result["setup"]["seeds"] == [1, 2] and result["fold_noise"] == pytest.approx(0.015)
+    assert result["command"].endswith("--report epoch --patience 1")
