@@ -41,7 +41,7 @@ quick's 10) give the same under ``by_study_size``: with 2 startup trials that al
 a short study has little to prune, and per-epoch validation is paid on every trial.
 
 Usage: ``python bench/pruning_replay.py [--orders 50] [--sizes 4 10] [--patience 1]
-[--warmup 0]``; writes ``bench/results/pruning_replay.json`` (``--out``).
+[--warmup 0] [--startup 2]``; writes ``bench/results/pruning_replay.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ class Policy:
     fold_values: bool = False  # report each fold's own score, not the running mean (Wilcoxon)
 
 
-def policies(patience: int = PATIENCE, warmup: int = 0) -> list[Policy]:
-    """Every policy, with and without early stopping (``patience``); ``warmup``: the median and
-    percentile pruners' ``n_warmup_steps`` (hpo.pruner.n_warmup_steps)."""
+def policies(patience: int = PATIENCE, warmup: int = 0, startup: int = STARTUP) -> list[Policy]:
+    """Every policy, with and without early stopping (``patience``); ``warmup`` and ``startup``:
+    the median and percentile pruners' ``n_warmup_steps`` and ``n_startup_trials``
+    (hpo.pruner.n_warmup_steps, hpo.pruner.n_startup_trials)."""
     p = optuna.pruners
     w = warmup
     # The stage reports a fold at step = fold index (0, 1, ...), the replay at folds done (1, 2,
@@ -86,20 +87,20 @@ def policies(patience: int = PATIENCE, warmup: int = 0) -> list[Policy]:
     base = [
         Policy("none", "none", lambda n: p.NopPruner(), available=True),
         Policy("fold_median", "fold",
-               lambda n: p.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=wf),
+               lambda n: p.MedianPruner(n_startup_trials=startup, n_warmup_steps=wf),
                available=True),
         Policy("fold_percentile25", "fold",
-               lambda n: p.PercentilePruner(25.0, n_startup_trials=STARTUP, n_warmup_steps=wf),
+               lambda n: p.PercentilePruner(25.0, n_startup_trials=startup, n_warmup_steps=wf),
                available=True),
         Policy("fold_wilcoxon", "fold",
                lambda n: p.WilcoxonPruner(p_threshold=0.1, n_startup_steps=1), fold_values=True),
         Policy("fold_successive_halving", "fold",
                lambda n: p.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)),
         Policy("epoch_median", "epoch",
-               lambda n: p.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=w),
+               lambda n: p.MedianPruner(n_startup_trials=startup, n_warmup_steps=w),
                available=True),
         Policy("epoch_percentile25", "epoch",
-               lambda n: p.PercentilePruner(25.0, n_startup_trials=STARTUP, n_warmup_steps=w),
+               lambda n: p.PercentilePruner(25.0, n_startup_trials=startup, n_warmup_steps=w),
                available=True),
         Policy("epoch_successive_halving", "epoch",
                lambda n: p.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)),
@@ -151,13 +152,13 @@ class Table:
 
 
 def evaluate(table: Table, orders: list[np.ndarray], fold_noise: float,
-             patience: int = PATIENCE, warmup: int = 0) -> dict:
+             patience: int = PATIENCE, warmup: int = 0, startup: int = STARTUP) -> dict:
     """Every policy on studies of the trials in ``orders``: compute saved against the same
     trials unpruned, and regret against the best of the trials each study saw."""
     full = table.full_value
     unpruned = np.array([table.unpruned_cost(order) for order in orders])  # same for all policies
     results = {}
-    for policy in policies(patience, warmup):
+    for policy in policies(patience, warmup, startup):
         runs = [replay(table, policy, order, seed=k) for k, order in enumerate(orders)]
         saved = 1 - np.array([r["cost"] for r in runs]) / unpruned
         regret = np.array([full[order].max() - full[r["pick"]]
@@ -258,6 +259,9 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, default=RESULTS / "curves.csv")
     parser.add_argument("--patience", type=int, default=PATIENCE,
                         help="early stopping patience of the +es policies")
+    parser.add_argument("--startup", type=int, default=STARTUP,
+                        help="n_startup_trials of the median and percentile pruners (default: "
+                             "2, params.yaml's hpo.pruner.n_startup_trials)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="n_warmup_steps of the median and percentile pruners (steps: folds, "
                              "or epochs with per-epoch reports)")
@@ -282,7 +286,7 @@ def main() -> None:
     for size in sizes:
         print(f"\n{size}-trial studies ({args.orders} random draws of the table's trials):")
         by_size[size] = evaluate(table, [order[:size] for order in orders], fold_noise,
-                                 args.patience, args.warmup)
+                                 args.patience, args.warmup, args.startup)
     results = by_size[n_trials]["policies"]
     chosen, chosen_available = by_size[n_trials]["chosen"], by_size[n_trials]["chosen_available"]
     seconds = table.train_s.sum() + table.eval_s.sum()
@@ -302,7 +306,8 @@ def main() -> None:
                   "train_epoch_seconds_median": float(np.median(table.train_s[:, :, 1:])),
                   "eval_seconds_median": float(np.median(table.eval_s)),
                   "precision": sorted(df["precision"].unique())},
-        "setup": {"orders": args.orders, "study_sizes": sizes, "pruner_startup_trials": STARTUP,
+        "setup": {"orders": args.orders, "study_sizes": sizes,
+                  "pruner_startup_trials": args.startup,
                   "early_stopping_patience": args.patience, "pruner_warmup_steps": args.warmup,
                   "curves": str(args.curves.name)},
         "seconds": time.perf_counter() - start,

@@ -94,6 +94,17 @@ def test_replay_warmup_steps_match_the_stage(tmp_path):
     assert replay_mod.replay(table, one["fold_median"], order, seed=0) == none
 
 
+def test_replay_startup_trials_run_in_full(tmp_path):
+    table, _ = replay_mod.load_table(_table(tmp_path / "curves.csv"), "pr_auc")
+    order = np.arange(len(VALUES))
+    full_fold = 3 * TRAIN_S + EVAL_S
+    for startup, pruned in ((2, 4), (5, 1)):  # trials 0..startup-1 complete every fold
+        policy = {p.name: p for p in replay_mod.policies(startup=startup)}["fold_percentile25"]
+        run = replay_mod.replay(table, policy, order, seed=0)
+        assert run["pruned"] == pruned
+        assert run["cost"] == pytest.approx((12 - pruned) * full_fold)
+
+
 def test_replay_refuses_an_incomplete_table(tmp_path):
     path = _table(tmp_path / "curves.csv", drop_last_row=True)
     with pytest.raises(SystemExit, match="curves.csv: 35 rows, expected 36"):
