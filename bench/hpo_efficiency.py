@@ -85,8 +85,15 @@ def _child(seed: int, arm: str, trials: int, layers: int, report: str, patience:
     print("RESULT " + json.dumps(metrics))
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout where it lies inside it (no machine paths in results)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def summary(runs: list[dict], args: argparse.Namespace) -> dict:
-    """Totals per arm over the seeds finished so far (each arm paired with the none arm)."""
+    """Totals per arm over the seeds finished so far (each arm paired with the none arm of the
+    same seed)."""
     def total(arm: str, key: str) -> float:
         return sum(r[key] for r in runs if r["arm"] == arm)
 
@@ -115,7 +122,7 @@ def summary(runs: list[dict], args: argparse.Namespace) -> dict:
         "command": f"python bench/hpo_efficiency.py --seeds {args.seeds} --trials "
                    f"{args.trials} --layers {args.layers} --report {args.report} "
                    f"--patience {args.patience}"
-                   + (f" --out {args.out}" if args.out != OUT else ""),
+                   + (f" --out {_shown(args.out)}" if args.out.resolve() != OUT else ""),
         "runs": runs,
     }
 

@@ -103,6 +103,11 @@ def test_replay_startup_trials_run_in_full(tmp_path):
         run = replay_mod.replay(table, policy, order, seed=0)
         assert run["pruned"] == pruned
         assert run["cost"] == pytest.approx((12 - pruned) * full_fold)
+    # per epoch: trials 0..4 validate all 6 epochs, trial 5 is pruned after its first
+    policy = {p.name: p for p in replay_mod.policies(startup=5)}["epoch_percentile25"]
+    run = replay_mod.replay(table, policy, order, seed=0)
+    assert run["pruned"] == 1
+    assert run["cost"] == pytest.approx((5 * 6 + 1) * (TRAIN_S + EVAL_S))
 
 
 def test_replay_refuses_an_incomplete_table(tmp_path):
@@ -150,7 +155,9 @@ def test_hpo_efficiency_summary_pairs_each_arm_with_the_none_arm_of_its_seed():
             for seed, arms in best.items() for arm, value in arms.items()]
     args = argparse.Namespace(seeds=2, trials=10, layers=1, report="epoch", patience=1,
                               out=efficiency_mod.OUT)
-    result = efficiency_mod.summary(runs[::-1], args)  # pairing must not rely on the order
+    # the none arm's runs come as seed 2, 1, every other arm's as 1, 2: pairing by position fails
+    runs = [runs[4], *runs[:4], *runs[5:]]
+    result = efficiency_mod.summary(runs, args)
     arms = result["arms"]
     assert arms["both"]["best_value_delta_by_seed"] == pytest.approx({"1": -0.01, "2": -0.05})
     assert arms["both"]["best_value_delta"] == pytest.approx(-0.03)
