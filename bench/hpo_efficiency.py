@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
+from workspace import raw_params, workspace  # bench/, the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -45,15 +43,8 @@ ARMS = {"none": (False, False), "early_stopping": (False, True), "pruning": (Tru
 
 def study_params(seed: int, arm: str, trials: int, layers: int, report: str, patience: int,
                  workdir: Path) -> dict:
-    from pipeline.params import YamlLoader
-
-    raw = yaml.load((ROOT / "params.yaml").read_text(encoding="utf-8"), Loader=YamlLoader)
+    raw = raw_params(workdir)
     raw["seed"] = seed
-    for key in ("posts", "annotations", "criteria", "data_dir"):
-        raw["paths"][key] = str(ROOT / raw["paths"][key])
-    for key, value in raw["paths"].items():  # every output goes to the temporary workspace
-        if not value.startswith(str(ROOT)):
-            raw["paths"][key] = str(workdir / value)
     prune, stop_early = ARMS[arm]
     raw["model"]["num_hidden_layers"] = layers
     raw["train"]["early_stopping_patience"] = patience if stop_early else 0
@@ -68,11 +59,7 @@ def _child(seed: int, arm: str, trials: int, layers: int, report: str, patience:
     from pipeline import hpo, prepare
     from pipeline.params import parse_params
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / ".dvc").mkdir()
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-        os.chdir(workdir)
+    with workspace() as workdir:
         params = parse_params(study_params(seed, arm, trials, layers, report, patience,
                                            workdir))
         prepare.run(params)

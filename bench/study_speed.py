@@ -29,22 +29,17 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from workspace import raw_params, workspace  # bench/, the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
 def _params(precision: str, n_jobs: int, workdir: Path) -> dict:
-    from pipeline.params import YamlLoader
-
-    raw = yaml.load((ROOT / "params.yaml").read_text(encoding="utf-8"), Loader=YamlLoader)
-    for key, value in raw["paths"].items():
-        raw["paths"][key] = str((ROOT if value.startswith("data") else workdir) / value)
+    raw = raw_params(workdir)
     raw["train"]["precision"] = precision
     raw["hpo"].update(n_jobs=n_jobs, mlflow_experiment="bench-study-speed")
     return raw
@@ -55,11 +50,7 @@ def _child(precision: str, n_jobs: int) -> None:
     from pipeline import hpo, prepare
     from pipeline.params import parse_params
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / ".dvc").mkdir()
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-        os.chdir(workdir)
+    with workspace() as workdir:
         params = parse_params(_params(precision, n_jobs, workdir))
         prepare.run(params)
         start = time.perf_counter()

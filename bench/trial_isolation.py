@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
+from workspace import raw_params, workspace  # bench/, the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
 def _params(isolate: bool, trials: int, workdir: Path) -> dict:
-    from pipeline.params import YamlLoader
-
-    raw = yaml.load((ROOT / "params.yaml").read_text(encoding="utf-8"), Loader=YamlLoader)
-    for key, value in raw["paths"].items():
-        raw["paths"][key] = str((ROOT if value.startswith("data") else workdir) / value)
+    raw = raw_params(workdir)
     raw["model"]["num_hidden_layers"] = 2
     raw["hpo"].update(n_trials=trials, isolate_trials=isolate,
                       mlflow_experiment="bench-trial-isolation")
@@ -45,11 +39,7 @@ def _child(isolate: bool, trials: int) -> None:
     from pipeline import hpo, prepare
     from pipeline.params import parse_params
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / ".dvc").mkdir()
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-        os.chdir(workdir)
+    with workspace() as workdir:
         params = parse_params(_params(isolate, trials, workdir))
         prepare.run(params)
         hpo.run(params)
