@@ -123,6 +123,13 @@ def epoch_stride(params: Params) -> int:
     return int(max(p.choices) if p.type == "categorical" else p.high)
 
 
+def _finite(score: float, where: str, metric: str) -> float:
+    """The score, or FloatingPointError naming the fold (and epoch) whose metric is NaN/inf."""
+    if not np.isfinite(score):
+        raise FloatingPointError(f"{where}: {metric} is not finite")
+    return float(score)
+
+
 def fold_indices(folds: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train rows, validation rows) of each fold, from the per-row fold column."""
     return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(n_folds)]
@@ -222,7 +229,8 @@ class TrialRun:
                 self.error = self.error or event.message
                 self.ended_at = time.perf_counter()
         except Exception as err:  # e.g. a non-finite fold score: the trial fails, and says why
-            self.error = f"{type(err).__name__}: {err}"
+            # (the first reason: a fold stopped at a non-finite epoch still sends its FoldEnd)
+            self.error = self.error or f"{type(err).__name__}: {err}"
             return True
         return None
 
@@ -246,22 +254,16 @@ class TrialRun:
         hpo = self.params.hpo
         if not reports_epochs(self.params) or len(self.trial.study.directions) > 1:
             return False
-        score = event.record[f"val_{hpo.metric}"]
-        if not np.isfinite(score):
-            raise FloatingPointError(f"fold {event.fold} epoch {event.epoch}: {hpo.metric} is "
-                                     "not finite")
+        where = f"fold {event.fold} epoch {event.epoch}"
+        score = _finite(event.record[f"val_{hpo.metric}"], where, hpo.metric)
         if event.epoch == 1:
             self.fold_best = float("-inf")
         self.fold_best = max(self.fold_best, score)
         current = self.fold_best if self.params.train.early_stopping_patience else score
         running = AGGREGATE[hpo.fold_aggregation]([*self.scores, current])
-        self.trial.report(running, step=event.fold * epoch_stride(self.params) + event.epoch)
         last = event.fold + 1 == len(self.folds) and event.epoch == self.hp.num_train_epochs
-        if not last and self.trial.should_prune():
-            self.pruned = (f"{hpo.fold_aggregation} {hpo.metric} {running:.4f} after fold "
-                           f"{event.fold} epoch {event.epoch}")
-            return True
-        return False
+        return self._ask_pruner(running, event.fold * epoch_stride(self.params) + event.epoch,
+                                last, where)
 
     def _fold_end(self, event: FoldEnd) -> bool:
         hpo, fold, summary = self.params.hpo, event.fold, event.summary
@@ -272,10 +274,7 @@ class TrialRun:
         self.runs.log(self.fold_run, {k: v for k, v in summary.items() if k != "seed"})
         self.runs.end(self.fold_run, FINISHED if self.pruned is None else KILLED)
         self.fold_run = None
-        score = summary[hpo.metric]
-        if not np.isfinite(score):
-            raise FloatingPointError(f"fold {fold}: {hpo.metric} is not finite")
-        self.scores.append(score)
+        self.scores.append(_finite(summary[hpo.metric], f"fold {fold}", hpo.metric))
         running = AGGREGATE[hpo.fold_aggregation](self.scores)
         self.runs.log(self.run_id, {f"fold{fold}_{k}": summary[k]
                                     for k in ("macro_f1", "pos_f1", "roc_auc", "pr_auc")})
@@ -283,11 +282,18 @@ class TrialRun:
             return True
         if len(self.trial.study.directions) > 1 or reports_epochs(self.params):
             return False  # Optuna cannot prune multi-objective trials; or pruned per epoch
-        self.trial.report(running, step=fold)
-        if fold + 1 < len(self.folds) and self.trial.should_prune():
-            self.pruned = f"{hpo.fold_aggregation} {hpo.metric} {running:.4f} after fold {fold}"
-            return True
-        return False
+        return self._ask_pruner(running, fold, fold + 1 == len(self.folds), f"fold {fold}")
+
+    def _ask_pruner(self, running: float, step: int, last: bool, where: str) -> bool:
+        """Report the running fold aggregate at ``step`` and ask the pruner, unless this is the
+        trial's last step (nothing is left to save); on "prune" keep why (``where``: after which
+        fold, or fold and epoch), which :meth:`CrossValidation.finish` tags on the MLflow run."""
+        self.trial.report(running, step=step)
+        if last or not self.trial.should_prune():
+            return False
+        hpo = self.params.hpo
+        self.pruned = f"{hpo.fold_aggregation} {hpo.metric} {running:.4f} after {where}"
+        return True
 
     def _peaks(self, rss_mb: float, gpu_mb: float | None) -> None:
         """Peak memory of the trial's process: what the next run's hpo.n_jobs check uses."""
@@ -388,6 +394,7 @@ class CrossValidation:
                 values, status = [value, *extra.values()], FINISHED
             elif run.error is None and run.pruned is not None:
                 status = KILLED
+                self.runs.log(run.run_id, tags={"pruned_reason": run.pruned})
             elif run.error is None:
                 run.error = "the trial's process ended without finishing its folds"
         except Exception as err:  # the threshold or an objective could not be computed

@@ -38,8 +38,10 @@ from pipeline.model import resolve_model_path
 from pipeline.params import ParamsError
 
 
-# Events, child -> stage. The stage answers a FoldEnd or an EpochEnd with True (prune)
-# or False.
+# Events, child -> stage. The stage answers a FoldEnd or an EpochEnd with True (stop: pruned,
+# or the stage failed the trial while recording the event, e.g. a non-finite score) or False;
+# an EpochEnd is answered even when the pruner hears folds only, so that a failure recorded at
+# an epoch stops the fine-tune there (one pipe round trip per epoch).
 @dataclass(frozen=True)
 class FoldStart:
     fold: int

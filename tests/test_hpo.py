@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
@@ -17,7 +18,8 @@ from pipeline.common import StageError
 from pipeline.params import ParamsError, SearchParam, load_params
 from pipeline.storage import storage_url
 from pipeline.study import make_pruner, study_definition, study_name
-from pipeline.tracking import tracking_uri, workspace_root
+from pipeline.tracking import RunTree, tracking_uri, workspace_root
+from pipeline.trial_process import EpochEnd, FoldEnd, FoldStart
 
 
 def _hpo(params, **changes):
@@ -171,8 +173,11 @@ def test_pruning_is_fed_once_per_fold(params):
     pruned = _study(params).trials[1]
     assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [0]
     assert metrics["n_pruned"] == 1 and metrics["fold_fits_run"] == 3
-    assert MlflowClient(tracking_uri()).get_run(
-        pruned.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    run = MlflowClient(tracking_uri()).get_run(pruned.user_attrs["mlflow_run_id"])
+    value = pruned.intermediate_values[0]
+    assert run.info.status == "KILLED"
+    how = f"{params.hpo.fold_aggregation} {params.hpo.metric}"
+    assert run.data.tags["pruned_reason"] == f"{how} {value:.4f} after fold 0"
 
 
 def test_per_epoch_reports_prune_inside_a_fold(params):
@@ -188,8 +193,12 @@ def test_per_epoch_reports_prune_inside_a_fold(params):
     assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [1]
     assert pruned.user_attrs["fold0"]["epochs_run"] == 1 and "fold1" not in pruned.user_attrs
     assert metrics["n_pruned"] == 1 and metrics["epochs_run"] == 1  # the added trial has none
-    fold_run = next(r for r in _runs(params) if r.info.run_name == "trial-1-fold-0")
+    runs = {r.info.run_name: r for r in _runs(params)}
+    fold_run = runs["trial-1-fold-0"]
     assert fold_run.info.status == "KILLED"
+    assert runs["trial-1"].data.tags["pruned_reason"] == (
+        f"{params.hpo.fold_aggregation} {params.hpo.metric} "
+        f"{pruned.intermediate_values[1]:.4f} after fold 0 epoch 1")
     assert f"val_{params.hpo.metric}" in fold_run.data.metrics  # epoch 1 was validated
     rows = [r for r in _rows(params.paths.fold_metrics) if r["trial"] == "1"]
     assert [(r["fold"], r["state"], r["epochs_run"]) for r in rows] == [("0", "PRUNED", "1")]
@@ -207,6 +216,34 @@ def test_percentile_pruner_prunes_a_trial_outside_the_kept_percentile(params):
     assert 0.0 < trial.intermediate_values[0] < 1.0  # above the median, below the top 10%
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [0]
     assert metrics["n_pruned"] == 1
+
+
+@pytest.mark.parametrize("report", ["fold", "epoch"])
+def test_a_non_finite_validation_score_stops_the_trial_and_says_where(params, report):
+    # The stage's side of a trial (TrialRun) with a real study and MLflow store: the first
+    # non-finite score it would report stops the trial (answer True) and names fold and epoch.
+    params = _hpo(params, pruner=replace(params.hpo.pruner, report=report))
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    runs = RunTree(params.hpo.mlflow_experiment)
+    parent = runs.study_run(None, "study", {})
+    folds = [(np.array([2, 3]), np.array([0, 1])), (np.array([0, 1]), np.array([2, 3]))]
+    run = objective.TrialRun(trial, objective.suggest(trial, params.hpo.search_space), 0, params,
+                             runs, runs.child(parent, "trial-0", {}), folds,
+                             np.array([0, 1, 0, 1]))
+    nan = float("nan")
+    run.handle(FoldStart(0, 1, "fp32"))
+    stop_at_epoch = run.handle(EpochEnd(0, 1, {"train_loss": 0.5, "val_pr_auc": nan}))
+    summary = {"macro_f1": nan, "pos_f1": nan, "roc_auc": nan, "pr_auc": nan, "seed": 1,
+               "epochs_run": 1, "train_seconds": 1.0, "eval_seconds": 0.1}
+    stop_at_fold = run.handle(FoldEnd(0, summary, np.array([0.2, 0.7])))
+    if report == "epoch":
+        assert stop_at_epoch and run.error == ("FloatingPointError: fold 0 epoch 1: pr_auc is "
+                                               "not finite")
+    else:  # epochs are only logged; the fold's score is the one checked
+        assert not stop_at_epoch and stop_at_fold
+        assert run.error == "FloatingPointError: fold 0: pr_auc is not finite"
+    assert run.pruned is None and not run.scores
 
 
 def test_a_failing_trial_fails_with_its_reason_and_never_prunes(params):
