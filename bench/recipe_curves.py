@@ -79,6 +79,7 @@ RECIPES = [  # in order of interest: a run cut short by --deadline keeps the fir
     Recipe("10 random, 8 ep, bf16", per_positive=10, epochs=8, precision="bf16"),
     Recipe("3 random, 4 ep, lr 5e-5", lr=5e-5),
     Recipe("3 random, 8 ep, lr 5e-5", epochs=8, lr=5e-5),
+    Recipe("10 random, 4 ep, lr 5e-5", per_positive=10, lr=5e-5),
 ]
 
 
