@@ -58,10 +58,23 @@ def _thin(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[keep]
 
 
-def _to_csv(frame: pd.DataFrame, digits: int = 4) -> str:
+def _to_csv(frame: pd.DataFrame, digits: int | None = 4) -> str:
+    """CSV with floats at ``digits`` decimals; None: every float exactly (shortest repr)."""
     buf = io.StringIO()
-    frame.to_csv(buf, index=False, lineterminator="\n", float_format=f"%.{digits}f")
+    frame.to_csv(buf, index=False, lineterminator="\n",
+                 float_format=None if digits is None else f"%.{digits}f")
     return buf.getvalue()
+
+
+def predictions_csv(test: pd.DataFrame, labels: np.ndarray, probs: np.ndarray,
+                    base_probs: np.ndarray) -> str:
+    """Every test pair's probability, the model's and the baseline's, exactly: `make report`
+    recomputes eval.json's metrics from this file, and rounded probabilities tie where a
+    confident model separates (6 decimals turned PR-AUC 0.9613 into 0.9578 on a second corpus)."""
+    return _to_csv(pd.DataFrame({
+        "pair_id": test["pair_id"], "post_id": test["post_id"],
+        "criterion_id": test["criterion_id"], "label": labels, "probability": probs,
+        "baseline_probability": base_probs}), digits=None)
 
 
 def scores(test: pd.DataFrame, probs: np.ndarray, threshold: float) -> dict[str, float]:
@@ -175,10 +188,7 @@ def run(params: Params) -> dict[str, Any]:
     names = np.array(["no evidence", "evidence"])
     write_text(paths.confusion, _to_csv(pd.DataFrame({
         "actual": names[labels], "predicted": names[(probs >= shipped).astype(int)]})))
-    write_text(paths.predictions, _to_csv(pd.DataFrame({
-        "pair_id": test["pair_id"], "post_id": test["post_id"],
-        "criterion_id": test["criterion_id"], "label": labels, "probability": probs,
-        "baseline_probability": base_probs}), digits=6))
+    write_text(paths.predictions, predictions_csv(test, labels, probs, base_probs))
     registry = log_eval_run(params, metrics, best.get("trial"))
     return {**metrics, "mlflow": registry}
 

@@ -90,7 +90,7 @@ def bootstrap_section(params: Params) -> str:
                      Loader=YamlLoader)
     if text is None:
         return "## Test metrics\n\nNo predictions in the workspace: run `dvc repro` first.\n"
-    pred = pd.read_csv(io.StringIO(text))
+    pred = pd.read_csv(io.StringIO(text), float_precision="round_trip")  # eval.json's values
     shipped = float(best.get("threshold", 0.5))
     tuned = float(best.get("tuned_threshold") or shipped)
     eval_text = _read_at(params.paths.eval_metrics, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from pipeline import prepare
 from pipeline.baseline import tfidf_baseline
+from pipeline.evaluate import predictions_csv
 from pipeline.export_best import choose, shipped_threshold
 from pipeline.metrics import best_f1_threshold, classification_metrics, threshold_transfer_gains
 from pipeline.params import load_params
@@ -97,3 +99,22 @@ def test_tfidf_baseline_learns_the_sample(params):
     assert m["roc_auc"] > 0.7 and m["pr_auc"] > 2 * test["label"].mean()
     again, _ = tfidf_baseline(train, test)
     assert np.array_equal(probs, again)  # deterministic
+
+
+def test_predictions_keep_every_probability_exactly():
+    # A confident model: float32 probabilities that differ only after the 6th decimal, as on
+    # the seed-7 corpus. make report recomputes eval.json's metrics from this file.
+    rng = np.random.default_rng(0)
+    n = 400
+    probs = np.where(np.arange(n) < n // 2, rng.uniform(1e-9, 1e-6, n),
+                     1 - rng.uniform(1e-7, 1e-5, n)).astype(np.float32).astype(np.float64)
+    labels = ((np.arange(n) >= n // 2) & (rng.uniform(size=n) < 0.5)).astype(int)
+    base = rng.uniform(size=n)
+    test = pd.DataFrame({"pair_id": np.arange(n), "post_id": np.arange(n) // 9,
+                         "criterion_id": np.arange(n) % 9 + 1})
+    back = pd.read_csv(io.StringIO(predictions_csv(test, labels, probs, base)),
+                       float_precision="round_trip")
+    assert np.array_equal(back["probability"], probs)
+    assert np.array_equal(back["baseline_probability"], base)
+    assert (classification_metrics(back["label"], back["probability"])
+            == classification_metrics(labels, probs))
