@@ -272,9 +272,12 @@ class TrialRun:
         self.fit_seconds.append(summary["train_seconds"] + summary["eval_seconds"])
         self.trial.set_user_attr(f"fold{fold}", summary)
         self.runs.log(self.fold_run, {k: v for k, v in summary.items() if k != "seed"})
-        self.runs.end(self.fold_run, FINISHED if self.pruned is None else KILLED)
+        # a non-finite score raises here, leaving the fold's run to finish(), which ends it FAILED
+        score = _finite(summary[hpo.metric], f"fold {fold}", hpo.metric)
+        self.runs.end(self.fold_run, FAILED if self.error is not None  # failed at an epoch
+                      else FINISHED if self.pruned is None else KILLED)
         self.fold_run = None
-        self.scores.append(_finite(summary[hpo.metric], f"fold {fold}", hpo.metric))
+        self.scores.append(score)
         running = AGGREGATE[hpo.fold_aggregation](self.scores)
         self.runs.log(self.run_id, {f"fold{fold}_{k}": summary[k]
                                     for k in ("macro_f1", "pos_f1", "roc_auc", "pr_auc")})
@@ -285,8 +288,8 @@ class TrialRun:
         return self._ask_pruner(running, fold, fold + 1 == len(self.folds), f"fold {fold}")
 
     def _ask_pruner(self, running: float, step: int, last: bool, where: str) -> bool:
-        """Report the running fold aggregate at ``step`` and ask the pruner, unless this is the
-        trial's last step (nothing is left to save); on "prune" keep why (``where``: after which
+        """Report the running fold aggregate at ``step``; ask the pruner unless this is the
+        trial's last step (nothing is left to save). On "prune" keep why (``where``: after which
         fold, or fold and epoch), which :meth:`CrossValidation.finish` tags on the MLflow run."""
         self.trial.report(running, step=step)
         if last or not self.trial.should_prune():
@@ -394,7 +397,6 @@ class CrossValidation:
                 values, status = [value, *extra.values()], FINISHED
             elif run.error is None and run.pruned is not None:
                 status = KILLED
-                self.runs.log(run.run_id, tags={"pruned_reason": run.pruned})
             elif run.error is None:
                 run.error = "the trial's process ended without finishing its folds"
         except Exception as err:  # the threshold or an objective could not be computed
@@ -404,7 +406,9 @@ class CrossValidation:
             self.runs.log(run.run_id, tags={"fail_reason": run.error[:5000]})
         if run.fold_run is not None:
             self.runs.end(run.fold_run, status)
-        self.runs.log(run.run_id, tags={"optuna.folds_run": len(run.scores)})
+        self.runs.log(run.run_id, tags={"optuna.folds_run": len(run.scores),
+                                        **({"pruned_reason": run.pruned} if status == KILLED
+                                           else {})})
         self.runs.end(run.run_id, status)
         state = {FINISHED: TrialState.COMPLETE, KILLED: TrialState.PRUNED,
                  FAILED: TrialState.FAIL}[status]

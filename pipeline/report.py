@@ -83,6 +83,12 @@ def diff_sections(rev: str, params: Params) -> str:
     return "\n".join(out)
 
 
+def read_predictions(text: str) -> pd.DataFrame:
+    """evaluate's predictions file, every probability exactly as evaluate computed it (so the
+    metrics recomputed here are eval.json's)."""
+    return pd.read_csv(io.StringIO(text), float_precision="round_trip")
+
+
 def bootstrap_section(params: Params) -> str:
     """95% intervals of the test metrics, resampling posts (their pairs are correlated)."""
     text = _read_at(params.paths.predictions, None)
@@ -90,7 +96,7 @@ def bootstrap_section(params: Params) -> str:
                      Loader=YamlLoader)
     if text is None:
         return "## Test metrics\n\nNo predictions in the workspace: run `dvc repro` first.\n"
-    pred = pd.read_csv(io.StringIO(text), float_precision="round_trip")  # eval.json's values
+    pred = read_predictions(text)
     shipped = float(best.get("threshold", 0.5))
     tuned = float(best.get("tuned_threshold") or shipped)
     eval_text = _read_at(params.paths.eval_metrics, None)

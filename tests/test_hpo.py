@@ -218,8 +218,10 @@ def test_percentile_pruner_prunes_a_trial_outside_the_kept_percentile(params):
     assert metrics["n_pruned"] == 1
 
 
-@pytest.mark.parametrize("report", ["fold", "epoch"])
-def test_a_non_finite_validation_score_stops_the_trial_and_says_where(params, report):
+@pytest.mark.parametrize(("report", "fold_score"), [("fold", "nan"), ("epoch", "nan"),
+                                                     ("epoch", "0.5")])
+def test_a_non_finite_validation_score_stops_the_trial_and_says_where(params, report,
+                                                                      fold_score):
     # The stage's side of a trial (TrialRun) with a real study and MLflow store: the first
     # non-finite score it would report stops the trial (answer True) and names fold and epoch.
     params = _hpo(params, pruner=replace(params.hpo.pruner, report=report))
@@ -233,17 +235,25 @@ def test_a_non_finite_validation_score_stops_the_trial_and_says_where(params, re
                              np.array([0, 1, 0, 1]))
     nan = float("nan")
     run.handle(FoldStart(0, 1, "fp32"))
-    stop_at_epoch = run.handle(EpochEnd(0, 1, {"train_loss": 0.5, "val_pr_auc": nan}))
-    summary = {"macro_f1": nan, "pos_f1": nan, "roc_auc": nan, "pr_auc": nan, "seed": 1,
+    stop_at_epoch = run.handle(EpochEnd(0, 1, {"train_loss": 0.5,
+                                               f"val_{params.hpo.metric}": nan}))
+    # with per-epoch reports the fold's own score may be finite (e.g. an earlier best epoch)
+    score = float(fold_score)
+    summary = {"macro_f1": score, "pos_f1": score, "roc_auc": score, "pr_auc": score, "seed": 1,
                "epochs_run": 1, "train_seconds": 1.0, "eval_seconds": 0.1}
     stop_at_fold = run.handle(FoldEnd(0, summary, np.array([0.2, 0.7])))
-    if report == "epoch":
-        assert stop_at_epoch and run.error == ("FloatingPointError: fold 0 epoch 1: pr_auc is "
+    metric = params.hpo.metric
+    if report == "epoch":  # the first reason stays, whatever the fold's score
+        assert stop_at_epoch and run.error == (f"FloatingPointError: fold 0 epoch 1: {metric} is "
                                                "not finite")
     else:  # epochs are only logged; the fold's score is the one checked
         assert not stop_at_epoch and stop_at_fold
-        assert run.error == "FloatingPointError: fold 0: pr_auc is not finite"
-    assert run.pruned is None and not run.scores
+        assert run.error == f"FloatingPointError: fold 0: {metric} is not finite"
+    assert run.pruned is None
+    # the fold's MLflow run never ends FINISHED: FAILED, or (a non-finite fold score) left to
+    # finish(), which ends it with the trial
+    (fold_run,) = [r for r in _runs(params) if r.info.run_name == "trial-0-fold-0"]
+    assert fold_run.info.status == ("FAILED" if fold_score == "0.5" else "RUNNING")
 
 
 def test_a_failing_trial_fails_with_its_reason_and_never_prunes(params):

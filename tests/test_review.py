@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +14,7 @@ from pipeline.evaluate import predictions_csv
 from pipeline.export_best import choose, shipped_threshold
 from pipeline.metrics import best_f1_threshold, classification_metrics, threshold_transfer_gains
 from pipeline.params import load_params
+from pipeline.report import read_predictions
 
 
 def _trial(number, value, extra=None):
@@ -103,7 +103,7 @@ def test_tfidf_baseline_learns_the_sample(params):
 
 def test_predictions_keep_every_probability_exactly():
     # A confident model: float32 probabilities that differ only after the 6th decimal, as on
-    # the seed-7 corpus. make report recomputes eval.json's metrics from this file.
+    # the seed-7 corpus. make report recomputes eval.json's metrics from this file, as read here.
     rng = np.random.default_rng(0)
     n = 400
     probs = np.where(np.arange(n) < n // 2, rng.uniform(1e-9, 1e-6, n),
@@ -112,8 +112,7 @@ def test_predictions_keep_every_probability_exactly():
     base = rng.uniform(size=n)
     test = pd.DataFrame({"pair_id": np.arange(n), "post_id": np.arange(n) // 9,
                          "criterion_id": np.arange(n) % 9 + 1})
-    back = pd.read_csv(io.StringIO(predictions_csv(test, labels, probs, base)),
-                       float_precision="round_trip")
+    back = read_predictions(predictions_csv(test, labels, probs, base))
     assert np.array_equal(back["probability"], probs)
     assert np.array_equal(back["baseline_probability"], base)
     assert (classification_metrics(back["label"], back["probability"])
