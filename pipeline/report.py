@@ -26,6 +26,7 @@ from scipy import stats
 from pipeline.common import StageError, derive_seed, run_stage, write_text
 from pipeline.metrics import classification_metrics
 from pipeline.params import Params, YamlLoader, load_params
+from pipeline.predictions import read_predictions
 
 BOOTSTRAP = 1000
 
@@ -81,12 +82,6 @@ def diff_sections(rev: str, params: Params) -> str:
     out.append("## Metrics\n\n" + (_table(["file", "metric", rev, "this", "change"], rows)
                                    if rows else "No metric changed.\n"))
     return "\n".join(out)
-
-
-def read_predictions(text: str) -> pd.DataFrame:
-    """evaluate's predictions file, every probability exactly as evaluate computed it (so the
-    metrics recomputed here are eval.json's)."""
-    return pd.read_csv(io.StringIO(text), float_precision="round_trip")
 
 
 def bootstrap_section(params: Params) -> str:

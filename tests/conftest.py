@@ -81,6 +81,7 @@ def tiny_overrides(model_dir: Path) -> dict:
         "prepare.n_folds": 2,
         "prepare.test_size": 0.25,
         "train.eval_batch_size": 64,
+        "train.negatives_per_positive": 3,
         "hpo.n_trials": 2,
         "hpo.sampler.n_startup_trials": 1,
         "hpo.pruner.n_startup_trials": 1,

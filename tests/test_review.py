@@ -10,11 +10,10 @@ import pytest
 
 from pipeline import prepare
 from pipeline.baseline import tfidf_baseline
-from pipeline.evaluate import predictions_csv
 from pipeline.export_best import choose, shipped_threshold
 from pipeline.metrics import best_f1_threshold, classification_metrics, threshold_transfer_gains
 from pipeline.params import load_params
-from pipeline.report import read_predictions
+from pipeline.predictions import predictions_csv, read_predictions
 
 
 def _trial(number, value, extra=None):
