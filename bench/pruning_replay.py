@@ -36,10 +36,10 @@ stage: the first two compare with the rung values of RUNNING trials too, so with
 their decisions would depend on timing, which ``hpo.n_jobs`` promises they do not.
 
 Studies of every trial of the table (in random orders) give ``policies``, ``chosen`` and
-``chosen_available``; smaller studies drawn from it (``--sizes``: the CPU profile's 4 trials, make
-quick's 10) give the same under ``by_study_size``: with startup trials that always run in full
-(``--startup``, default 2), a short study has little to prune, and per-epoch validation is paid
-on every trial.
+``chosen_available``; smaller studies drawn from it (``--sizes``: the CPU profile's 4 trials when
+the table was recorded, make quick's 10) give the same under ``by_study_size``: with startup
+trials that always run in full (``--startup``, default 2), a short study has little to prune, and
+per-epoch validation is paid on every trial.
 
 Usage: ``python bench/pruning_replay.py [--orders 50] [--sizes 4 10] [--patience 1]
 [--warmup 0] [--startup 2]``; writes ``bench/results/pruning_replay.json`` (``--out``).
@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "pruning_replay.json")
     parser.add_argument("--sizes", type=int, nargs="*", default=[4, 10],
                         help="smaller studies to replay too (default: 4, the CPU profile's "
-                             "hpo.n_trials, and 10, make quick's)")
+                             "hpo.n_trials when the table was recorded, and 10, make quick's)")
     args = parser.parse_args()
     for name, least in (("orders", 1), ("patience", 1), ("startup", 0), ("warmup", 0)):
         if getattr(args, name) < least:

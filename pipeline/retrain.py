@@ -74,6 +74,24 @@ def _model_card(params: Params, info: dict[str, Any], link: dict[str, str]):
         f"training pairs, seed {info['seed']}.\n")
 
 
+@contextlib.contextmanager
+def _hub_offline():
+    """Hugging Face Hub requests fail at once inside (the library's offline mode).
+
+    MLflow's transformers flavour looks for a license file by listing the hub repository named by
+    the model's ``name_or_path``, here the local model directory: an error at best, and without a
+    network five retries (23 s measured) before MLflow writes its fallback note anyway.
+    """
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def log_model_run(params: Params, model_dir: Path, info: dict[str, Any],
                   seconds: float) -> dict[str, str]:
     """Log the retrain run and register the model if it differs from the latest version.
@@ -114,7 +132,7 @@ def log_model_run(params: Params, model_dir: Path, info: dict[str, Any],
             # Pinned explicitly: MLflow's default list asks for torchvision, which is not needed.
             requirements = [f"transformers=={transformers.__version__}",
                             f"torch=={torch.__version__.split('+')[0]}"]
-            with active_run(runs, run_id):
+            with active_run(runs, run_id), _hub_offline():
                 logged = mlflow.transformers.log_model(
                     {"model": model, "tokenizer": tokenizer}, name="model",
                     task="text-classification", pip_requirements=requirements,

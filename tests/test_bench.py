@@ -128,6 +128,14 @@ def test_curves_refuse_to_merge_rows_of_another_setup(tmp_path):
         curves_mod.merge(rows.assign(setup="b"), "b", path)
 
 
+def test_curves_defaults_recompute_the_committed_table():
+    # make bench runs curves.py with its defaults: they must be the setup the table was recorded
+    # with, or the merge refuses the committed rows
+    *_, digest = curves_mod.table_setup(curves_mod.LAYERS, curves_mod.NEGATIVES,
+                                        curves_mod.MAX_LR)
+    assert set(pd.read_csv(curves_mod.CURVES)["setup"]) == {digest}
+
+
 def test_hpo_efficiency_arms_differ_only_in_pruner_and_early_stopping(tmp_path):
     from pipeline.params import load_params, parse_params
 

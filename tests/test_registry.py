@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub
 import mlflow
 import numpy as np
 import optuna
@@ -42,6 +43,18 @@ def _score(model, tokenizer, pairs: pd.DataFrame, params) -> np.ndarray:
 
 def test_registered_model_scores_like_the_model_directory_and_carries_its_threshold(
         workdir, monkeypatch, capsys):
+    # a machine where HF_HUB_OFFLINE is not set (conftest sets it): MLflow's transformers flavour
+    # lists the hub repository of the model's name_or_path (the local directory) for a license;
+    # retrain makes that call fail at once instead of retrying for 23 s without a network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    offline_when_listed = []
+    list_repo_files = huggingface_hub.list_repo_files
+
+    def listing(*args, **kwargs):
+        offline_when_listed.append(huggingface_hub.constants.is_offline_mode())
+        return list_repo_files(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", listing)
     # what `dvc exp run -n registry-exp` passes to its stages
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", COMMIT)
     monkeypatch.setenv("DVC_EXP_NAME", "registry-exp")
@@ -52,6 +65,7 @@ def test_registered_model_scores_like_the_model_directory_and_carries_its_thresh
     params = load_params()
     for stage in (prepare, hpo, export_best, retrain, evaluate):
         stage.run(params)
+    assert offline_when_listed == [True]
     paths, name = params.paths, params.registry.model_name
     best = yaml.safe_load(Path(paths.best_params).read_text())
     client = MlflowClient(tracking_uri())

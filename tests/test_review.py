@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import prepare
 from pipeline.baseline import tfidf_baseline
-from pipeline.export_best import choose, shipped_threshold
+from pipeline.export_best import choose, hyperparameters, shipped_threshold
 from pipeline.metrics import best_f1_threshold, classification_metrics, threshold_transfer_gains
 from pipeline.params import load_params
 from pipeline.predictions import predictions_csv, read_predictions
@@ -51,6 +51,28 @@ def test_multi_objective_takes_the_cheapest_pareto_trial_within_noise(params):
     row, record = choose(trials, trials, folds, params)
     assert row["number"] == "1"  # within 1 SE (0.02) of the best, a third of the epochs
     assert record["pareto_trials"] == [0, 1, 2] and record["cost"] == "epochs"
+
+
+def test_best_params_survive_dvc_lock_rewrites():
+    # DVC writes retrain's params into dvc.lock and rewrites dvc.lock (ruamel.yaml round trip)
+    # after every later stage; the learning rate of a fresh `make repro` came back one digit off,
+    # and `dvc status` called retrain changed.
+    from dvc.utils.serialize import dumps_yaml, parse_yaml, parse_yaml_for_update
+
+    def through_lock(values: dict) -> dict:
+        text = dumps_yaml(values)
+        for _ in range(2):
+            text = dumps_yaml(parse_yaml_for_update(text, "dvc.lock"))
+        return parse_yaml(text, "dvc.lock")
+
+    raw = {"learning_rate": 4.797485674370245e-05}
+    assert through_lock(raw) != raw  # DVC's behaviour (if this fails, the workaround can go)
+    hp = hyperparameters({"params_learning_rate": "4.797485674370245e-05",
+                          "params_warmup_ratio": "0.06708664415160329",
+                          "params_num_train_epochs": "8", "params_loss_function": "focal"})
+    assert hp["learning_rate"] == pytest.approx(4.797485674370245e-05, rel=1e-11)
+    assert hp["num_train_epochs"] == 8 and hp["loss_function"] == "focal"
+    assert through_lock(hp) == hp
 
 
 def test_best_f1_threshold_maximises_f1():
