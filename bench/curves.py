@@ -94,6 +94,11 @@ def table_setup(layers: int, negatives: int, max_lr: float):
     from pipeline.params import load_params
 
     params = load_params(ROOT / "params.yaml")
+    low = params.hpo.search_space["learning_rate"].low
+    if negatives < 0 or max_lr < 0 or (max_lr and max_lr <= low):
+        sys.exit(f"ERROR: --negatives-per-positive {negatives} / --max-learning-rate {max_lr}: "
+                 "need >= 0, and a learning rate above params.yaml's "
+                 f"hpo.search_space.learning_rate.low ({low})")
     model = dataclasses.replace(params.model, num_hidden_layers=layers)
     # no early stopping, and a patience no fold reaches: the engine validates every epoch
     train = dataclasses.replace(params.train, early_stopping_patience=10**6,

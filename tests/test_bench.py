@@ -134,6 +134,8 @@ def test_curves_defaults_recompute_the_committed_table():
     *_, digest = curves_mod.table_setup(curves_mod.LAYERS, curves_mod.NEGATIVES,
                                         curves_mod.MAX_LR)
     assert set(pd.read_csv(curves_mod.CURVES)["setup"]) == {digest}
+    with pytest.raises(SystemExit, match="--max-learning-rate 1e-06: need >= 0"):
+        curves_mod.table_setup(curves_mod.LAYERS, curves_mod.NEGATIVES, 1e-6)
 
 
 def test_hpo_efficiency_arms_differ_only_in_pruner_and_early_stopping(tmp_path):
