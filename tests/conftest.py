@@ -5,6 +5,7 @@ Everything is real (DVC, Optuna storage, MLflow store, transformers); only the s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -122,10 +123,9 @@ def workdir(tmp_path, tiny_params, monkeypatch) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def repo_copy(tmp_path, tiny_params) -> Path:
-    """A git + DVC repository copied from this checkout, with tiny params and a small corpus."""
-    dest = tmp_path / "repo"
+def _repo(dest: Path, params: dict) -> Path:
+    """A git + DVC repository at ``dest`` copied from this checkout, with ``params`` and a small
+    corpus, committed."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
@@ -136,7 +136,7 @@ def repo_copy(tmp_path, tiny_params) -> Path:
         shutil.copy2(src, dest / rel)
     for name in ("dvc.lock", "data.dvc"):
         (dest / name).unlink(missing_ok=True)
-    dump_yaml(dest / "params.yaml", tiny_params)
+    dump_yaml(dest / "params.yaml", params)
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "config", "user.email", "test@example.com"], dest)
     run(["git", "config", "user.name", "test"], dest)
@@ -144,6 +144,81 @@ def repo_copy(tmp_path, tiny_params) -> Path:
     run(["dvc", "add", "-q", "data"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "tiny"], dest)
+    return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path, tiny_params) -> Path:
+    """A git + DVC repository copied from this checkout, with tiny params and a small corpus."""
+    return _repo(tmp_path / "repo", tiny_params)
+
+
+def _tree_digest(*roots: Path) -> str:
+    """One SHA-256 over the relative paths and bytes of every file under ``roots``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(root.parent)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory, tiny_model_dir) -> Path:
+    """A repo_copy after one `dvc repro`, its results committed on top of the commit it ran at
+    (HEAD~1). Built once per session; tests only read it or take a `reproduced` copy, and the
+    session fails if its MLflow store or artifacts changed (a copy that wrote into them)."""
+    params = apply_overrides(load_yaml(ROOT / "params.yaml"), tiny_overrides(tiny_model_dir))
+    repo = _repo(tmp_path_factory.mktemp("reproduced") / "repo", params)
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "tiny results"], repo)
+    shared = (repo / "mlflow.db", repo / "mlartifacts")
+    before = _tree_digest(*shared)
+    yield repo
+    assert _tree_digest(*shared) == before, "a test changed the shared reproduced_template"
+
+
+def _relocate_mlflow_store(db: Path, old: Path, new: Path) -> None:
+    """The MLflow store names its artifacts by absolute path or URI (file://<root>/mlartifacts,
+    pipeline/tracking.py): in a copied workspace they must name the copy's own artifacts, or
+    its runs would read and write the original's. Rewrites every text value holding ``old``."""
+    import sqlite3
+
+    pairs = [(old.as_uri(), new.as_uri()), (str(old), str(new))]  # URIs may percent-encode
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        texts = [(table, row[1]) for (table,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+            for row in conn.execute(f'PRAGMA table_info("{table}")').fetchall()]
+
+        def holding(column: str) -> str:
+            return f"typeof(\"{column}\") = 'text' AND instr(\"{column}\", ?) > 0"
+
+        for table, column in texts:
+            for before, after in pairs:
+                conn.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                             f"WHERE {holding(column)}", (before, after, before))
+        left = [(table, column) for table, column in texts for before, _ in pairs
+                if conn.execute(f'SELECT count(*) FROM "{table}" WHERE {holding(column)}',
+                                (before,)).fetchone()[0]]
+        (location,) = conn.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                                   ("redsm5-evidence-binding",)).fetchone()
+    assert not left and location == (new / "mlartifacts").as_uri(), (left, location)
+
+
+@pytest.fixture
+def reproduced(tmp_path, reproduced_template) -> Path:
+    """A copy of ``reproduced_template`` (git history, DVC cache, outputs, study, MLflow store
+    with its artifacts): the state right after `dvc repro` and a commit, without paying for the
+    run again. DVC's temporary folder (locks, its own bookkeeping) is not copied."""
+    dest = tmp_path / "repo"
+
+    def skip_dvc_tmp(folder: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(folder) == reproduced_template / ".dvc" else []
+
+    shutil.copytree(reproduced_template, dest, symlinks=True, ignore=skip_dvc_tmp)
+    _relocate_mlflow_store(dest / "mlflow.db", reproduced_template, dest)
     return dest
 
 

@@ -83,17 +83,14 @@ def _assert_all_outputs(repo: Path) -> None:
     assert len(_rows(repo / p["predictions"])) == evaluation["test_pairs"]
 
 
-def test_repro_then_exp_run_reuses_trials_and_diffs_show_it(repo_copy):
-    repo = repo_copy
-    repro_commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    run(["dvc", "repro"], repo)
+def test_repro_then_exp_run_reuses_trials_and_diffs_show_it(reproduced):
+    repo = reproduced  # `dvc repro` ran at HEAD~1, its results are committed at HEAD
+    repro_commit = run(["git", "rev-parse", "HEAD~1"], repo).stdout.strip()
     _assert_all_outputs(repo)
     assert "up to date" in run(["dvc", "status"], repo).stdout
     assert not (repo / "mlruns").exists() and (repo / "mlflow.db").is_file()
     plots = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
     assert len(plots["data"]) == 6 and "errors" not in plots
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "tiny results"], repo)
     p = load_yaml(repo / "params.yaml")["paths"]
     trials_before = _rows(repo / p["trials"])
 
@@ -160,10 +157,9 @@ def _assert_nesting_as_dashboards_read_it(repo: Path) -> None:
         assert set(folds["tags.optuna.trial_number"]) == {str(trial.number)}
 
 
-def test_warm_start_and_multi_objective_through_dvc_repro(repo_copy, tmp_path):
-    repo = repo_copy
+def test_warm_start_and_multi_objective_through_dvc_repro(reproduced, tmp_path):
+    repo = reproduced
     p = load_yaml(repo / "params.yaml")["paths"]
-    run(["dvc", "repro"], repo)
     earlier = tmp_path / "best_params_main.yaml"
     shutil.copy(repo / p["best_params"], earlier)
     best = yaml.safe_load(earlier.read_text())["hyperparameters"]
@@ -190,11 +186,8 @@ def test_warm_start_and_multi_objective_through_dvc_repro(repo_copy, tmp_path):
     assert _json(repo / p["hpo_metrics"])["n_pareto"] == len(pareto)
 
 
-def test_report_on_two_commits(repo_copy):
-    repo = repo_copy
-    run(["dvc", "repro"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "base"], repo)
+def test_report_on_two_commits(reproduced):
+    repo = reproduced  # HEAD: the base's results
     params = load_yaml(repo / "params.yaml")
     params["hpo"]["n_trials"] = 3
     dump_yaml(repo / "params.yaml", params)
@@ -248,10 +241,8 @@ def test_queued_experiment_logs_to_the_workspace_store(repo_copy):
     assert "hpo.n_trials" in exps
 
 
-def test_two_fresh_runs_give_identical_metrics(repo_copy, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(repo_copy, other)
-    for repo in (repo_copy, other):
-        run(["dvc", "repro"], repo)
+def test_two_fresh_runs_give_identical_metrics(repo_copy, reproduced_template):
+    run(["dvc", "repro"], repo_copy)  # the other fresh run: the template's, in another folder
     for name in ("data.json", "hpo.json", "eval.json"):
-        assert (repo_copy / "metrics" / name).read_text() == (other / "metrics" / name).read_text()
+        assert (repo_copy / "metrics" / name).read_text() == \
+            (reproduced_template / "metrics" / name).read_text()

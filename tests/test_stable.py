@@ -35,17 +35,19 @@ def test_storage_urls_in_outputs_are_relative_to_the_workspace(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_rerunning_hpo_on_a_finished_study_leaves_dvc_lock_unchanged(repo_copy):
-    repo = repo_copy
+def test_rerunning_hpo_on_a_finished_study_leaves_dvc_lock_unchanged(reproduced,
+                                                                     reproduced_template):
+    """Rerun in a copy of the workspace that ran the study, in another folder: no output may
+    depend on where the workspace is."""
+    repo = reproduced
     p = load_yaml(repo / "params.yaml")["paths"]
-    run(["dvc", "repro"], repo)
     lock = (repo / "dvc.lock").read_text()
     hpo_outs = [p[k] for k in ("trials", "fold_metrics", "pareto", "study_summary", "importance",
                                "optuna_plots", "hpo_history_plot", "hpo_importance_plot",
                                "hpo_folds_plot", "hpo_metrics")]
     before = {k: v for out in hpo_outs for k, v in _digests(repo / out).items()}
     summary = (repo / p["study_summary"]).read_text()
-    assert str(repo) not in summary and "run_id" not in summary
+    assert str(reproduced_template) not in summary and "run_id" not in summary
 
     run(["dvc", "repro", "-f", "hpo"], repo)  # prepare and hpo again, same inputs
     after = {k: v for out in hpo_outs for k, v in _digests(repo / out).items()}
