@@ -153,15 +153,13 @@ def repo_copy(tmp_path, tiny_params) -> Path:
     return _repo(tmp_path / "repo", tiny_params)
 
 
-def _tree_digest(*roots: Path) -> str:
-    """One SHA-256 over the relative paths and bytes of every file under ``roots``."""
+def digests(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root`` (a file or a folder)."""
     import hashlib
 
-    digest = hashlib.sha256()
-    for root in roots:
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(root.parent)).encode() + path.read_bytes())
-    return digest.hexdigest()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
 
 
 @pytest.fixture(scope="session")
@@ -175,9 +173,10 @@ def reproduced_template(tmp_path_factory, tiny_model_dir) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "tiny results"], repo)
     shared = (repo / "mlflow.db", repo / "mlartifacts")
-    before = _tree_digest(*shared)
+    before = [digests(root) for root in shared]
     yield repo
-    assert _tree_digest(*shared) == before, "a test changed the shared reproduced_template"
+    assert [digests(root) for root in shared] == before, \
+        "a test changed the shared reproduced_template"
 
 
 def _relocate_mlflow_store(db: Path, old: Path, new: Path) -> None:

@@ -3,21 +3,11 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
 import yaml
 
-from conftest import load_yaml, run
+from conftest import digests, load_yaml, run
 from pipeline.study_outputs import portable_storage
-
-
-def _digests(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``root`` (a file or a folder)."""
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files}
 
 
 def _out_hashes(lock: str, stage: str) -> dict[str, str]:
@@ -45,12 +35,12 @@ def test_rerunning_hpo_on_a_finished_study_leaves_dvc_lock_unchanged(reproduced,
     hpo_outs = [p[k] for k in ("trials", "fold_metrics", "pareto", "study_summary", "importance",
                                "optuna_plots", "hpo_history_plot", "hpo_importance_plot",
                                "hpo_folds_plot", "hpo_metrics")]
-    before = {k: v for out in hpo_outs for k, v in _digests(repo / out).items()}
+    before = {k: v for out in hpo_outs for k, v in digests(repo / out).items()}
     summary = (repo / p["study_summary"]).read_text()
     assert str(reproduced_template) not in summary and "run_id" not in summary
 
     run(["dvc", "repro", "-f", "hpo"], repo)  # prepare and hpo again, same inputs
-    after = {k: v for out in hpo_outs for k, v in _digests(repo / out).items()}
+    after = {k: v for out in hpo_outs for k, v in digests(repo / out).items()}
     assert after == before
     again = (repo / "dvc.lock").read_text()
     changed = sorted(path for stage in ("prepare", "hpo")
