@@ -14,12 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import DataError
-from pipeline.params import ParamsError
-
-
-class StageError(RuntimeError):
-    """A stage cannot go on; the message says why and what to do."""
+from pipeline.errors import DataError, ParamsError, StageError
 
 
 def derive_seed(seed: int, *keys: object) -> int:

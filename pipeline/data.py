@@ -13,6 +13,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import DataError
+
 # The nine DSM-5 criterion-A ids and the symptom names the annotations use for them.
 CRITERION_SYMPTOMS = {
     "A.1": "DEPRESSED_MOOD",
@@ -30,10 +32,6 @@ SPECIAL_CASE = "SPECIAL_CASE"  # annotated, but maps to no criterion
 POST_COLUMNS = ("post_id", "text")
 ANNOTATION_COLUMNS = ("post_id", "sentence_id", "sentence_text", "DSM5_symptom", "status",
                       "explanation")
-
-
-class DataError(ValueError):
-    """An input file is missing or malformed; the message says where."""
 
 
 @dataclass(frozen=True)

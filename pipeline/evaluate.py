@@ -35,9 +35,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pipeline.baseline import tfidf_baseline
 from pipeline.common import round_floats, run_stage, write_json, write_text
 from pipeline.engine import encode_pairs, predict
-from pipeline.metrics import THRESHOLD, classification_metrics
+from pipeline.metrics import classification_metrics
 from pipeline.model import pick_device
-from pipeline.params import Params, YamlLoader, load_params
+from pipeline.params import THRESHOLD, Params, YamlLoader, load_params
 from pipeline.predictions import predictions_csv
 from pipeline.tracking import (
     FAILED,

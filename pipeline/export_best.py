@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.common import StageError, run_stage, write_text
-from pipeline.metrics import THRESHOLD
-from pipeline.params import HYPERPARAMETERS, Params, load_params
+from pipeline.common import run_stage, write_text
+from pipeline.errors import StageError
+from pipeline.params import HYPERPARAMETERS, THRESHOLD, Params, load_params
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:

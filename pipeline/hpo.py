@@ -48,8 +48,9 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 from pipeline import faults
-from pipeline.common import StageError, run_stage
+from pipeline.common import run_stage
 from pipeline.engine import ENCODE_STATS, encode_pairs
+from pipeline.errors import StageError
 from pipeline.model import load_tokenizer
 from pipeline.objective import CrossValidation, TrialRun, fold_indices, open_places
 from pipeline.params import Params, load_params

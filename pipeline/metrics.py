@@ -10,7 +10,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-THRESHOLD = 0.5
+from pipeline.params import THRESHOLD
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray,

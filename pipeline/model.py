@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from pipeline.params import ParamsError
+from pipeline.errors import ParamsError
 
 # The "some weights were not used / newly initialised" report is expected for a fresh
 # classification head; it would drown the progress bars.

@@ -37,16 +37,16 @@ from pydantic import (
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from typing_extensions import dataclass_transform
 
+from pipeline.errors import ParamsError
+
 PARAMS_FILE = "params.yaml"
 
 Metric = Literal["macro_f1", "pos_f1", "roc_auc", "pr_auc"]
 Aggregation = Literal["mean", "median", "min", "max"]
 METRICS: tuple[str, ...] = typing.get_args(Metric)
 AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
-
-
-class ParamsError(ValueError):
-    """A value in params.yaml is missing, misspelled, of the wrong type or out of range."""
+# The decision threshold when none is tuned (export_best.threshold: default, or a check failed).
+THRESHOLD = 0.5
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -137,6 +137,7 @@ class Paths:
     pairs: StrictStr
     splits: StrictStr
     study_db: StrictStr
+    study_store: StrictStr
     trials: StrictStr
     fold_metrics: StrictStr
     study_summary: StrictStr
@@ -292,8 +293,12 @@ class HpoParams:
     # Enqueue earlier best points first: a best-params YAML file, or study:<name> (same storage).
     warm_start: StrictStr | None = None
     warm_start_trials: StrictInt = 3
-    # Trials run at once by the stage, each in its own process (pipeline/trial_process.py).
-    n_jobs: StrictInt = 1
+    # The most trials that may run at once: trial k is suggested and pruned knowing the trials
+    # numbered up to k - parallelism (pipeline/hpo.py). Part of the study's definition.
+    parallelism: StrictInt = 1
+    # Trial processes this stage runs at once (at most hpo.parallelism; auto: as many as the
+    # machine fits). Not part of the study: any value gives the same study.
+    n_jobs: StrictInt | Literal["auto"] = 1
     # Where those processes run. auto: round-robin over the visible CUDA GPUs, else disjoint
     # sets of CPU cores; or a list of CUDA device indices.
     devices: Literal["auto"] | list[StrictInt] = "auto"
@@ -305,7 +310,12 @@ class HpoParams:
 
     def __post_init__(self) -> None:
         _check(self.n_trials >= 1, "hpo.n_trials", "must be >= 1")
-        _check(self.n_jobs >= 1, "hpo.n_jobs", "must be >= 1")
+        _check(self.parallelism >= 1, "hpo.parallelism", "must be >= 1")
+        if self.n_jobs != "auto":
+            _check(self.n_jobs >= 1, "hpo.n_jobs", "must be >= 1 or auto")
+            _check(self.n_jobs <= self.parallelism, "hpo.n_jobs",
+                   f"{self.n_jobs} trials at once need hpo.parallelism >= {self.n_jobs} (it is "
+                   f"{self.parallelism}: trial k waits for trial k - {self.parallelism})")
         _check(self.n_jobs == 1 or self.isolate_trials, "hpo.n_jobs",
                "parallel trials run in child processes: needs hpo.isolate_trials: true")
         _check(self.devices == "auto" or (bool(self.devices) and min(self.devices) >= 0),

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.common import StageError, run_stage, write_text
+from pipeline.common import run_stage, write_text
 from pipeline.data import read_criteria, read_posts
 from pipeline.engine import encode_pairs, predict
-from pipeline.metrics import THRESHOLD
+from pipeline.errors import StageError
 from pipeline.model import pick_device
-from pipeline.params import Params, load_params
+from pipeline.params import THRESHOLD, Params, load_params
 from pipeline.prepare import build_sentences
 from pipeline.progress import progress
 

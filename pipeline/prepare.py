@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from pipeline.common import StageError, run_stage, write_json, write_text
+from pipeline.common import run_stage, write_json, write_text
 from pipeline.data import (
     SPECIAL_CASE,
     Annotation,
@@ -35,6 +35,7 @@ from pipeline.data import (
     read_posts,
     split_sentences,
 )
+from pipeline.errors import StageError
 from pipeline.params import Params, load_params
 
 PAIR_COLUMNS = ("pair_id", "post_id", "sentence_id", "criterion_id", "criterion", "sentence",

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.common import StageError, run_stage
+from pipeline.common import run_stage
+from pipeline.errors import StageError
 from pipeline.params import PARAMS_FILE, ParamsError, YamlLoader, parse_params
 
 PROFILES_DIR = Path("profiles")

@@ -23,7 +23,8 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from pipeline.common import StageError, derive_seed, run_stage, write_text
+from pipeline.common import derive_seed, run_stage, write_text
+from pipeline.errors import StageError
 from pipeline.metrics import classification_metrics
 from pipeline.params import Params, YamlLoader, load_params
 from pipeline.predictions import read_predictions

@@ -24,13 +24,14 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from pipeline.common import StageError, derive_seed, run_stage
+from pipeline.common import derive_seed, run_stage
 from pipeline.engine import (
     Hyperparameters,
     encode_pairs,
     fine_tune,
     subsample_negatives,
 )
+from pipeline.errors import StageError
 from pipeline.model import load_tokenizer, pick_device, resolve_model_path
 from pipeline.params import Params, load_params
 from pipeline.tracking import (

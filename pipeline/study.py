@@ -22,7 +22,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from pipeline.common import StageError, derive_seed
+from pipeline.common import derive_seed
+from pipeline.errors import StageError
 from pipeline.params import Params, YamlLoader
 from pipeline.storage import StudyStorage
 from pipeline.study_outputs import primary

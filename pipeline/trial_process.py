@@ -34,8 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 from transformers import AutoConfig
 
+from pipeline.errors import ParamsError
 from pipeline.model import resolve_model_path
-from pipeline.params import ParamsError
 
 
 # Events, child -> stage. The stage answers a FoldEnd or an EpochEnd with True (stop: pruned,

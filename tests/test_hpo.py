@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import hpo, objective, prepare
-from pipeline.common import StageError
+from pipeline.errors import StageError
 from pipeline.params import ParamsError, SearchParam, load_params
 from pipeline.storage import storage_url
 from pipeline.study import make_pruner, study_definition, study_name

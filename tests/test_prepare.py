@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from pipeline import prepare
-from pipeline.common import StageError
 from pipeline.data import Annotation, Criterion
+from pipeline.errors import StageError
 from pipeline.params import load_params
 
 CRITERIA = [Criterion("A.4", "SLEEP_ISSUES", "Insomnia."), Criterion("A.6", "FATIGUE", "Tired.")]
