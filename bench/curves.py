@@ -20,7 +20,8 @@ validation pair and computing the metrics). They add up to the fold's wall time.
 
 Resumable: ``--trials 0-9`` computes those trials and merges them into ``bench/results/curves.csv``
 (rows of other trials are kept; a row set recorded with another setup is refused). Trial ``n``
-has the same hyperparameters and seeds whichever chunk computes it.
+has the same hyperparameters and seeds whichever chunk computes it. ``bench/results/curves.json``
+records the machine and command of each chunk.
 
 Usage: ``python bench/curves.py --trials 0-9`` (then 10-19, ...; needs ``dvc repro prepare``)
 """
@@ -40,6 +41,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CURVES = RESULTS / "curves.csv"
+CURVES_MACHINE = RESULTS / "curves.json"  # where each chunk of the table was recorded
 # The committed table's setup: a 1-layer model, and the CPU profile of its day (3 random negatives
 # per positive, learning rates up to 1.5e-4), pinned so that `make bench` recomputes it.
 LAYERS, NEGATIVES, MAX_LR = 1, 3, 1.5e-4
@@ -58,7 +60,7 @@ def draw_trials(space: dict, seed: int, n: int) -> list[dict]:
     """The hyperparameters of trials 0..n-1 from a seeded random sampler (same in every chunk)."""
     import optuna
 
-    from pipeline.objective import suggest
+    from pipeline.study import suggest
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize",
@@ -123,7 +125,7 @@ def record(trials: range, layers: int, negatives: int, max_lr: float
     from pipeline.common import derive_seed
     from pipeline.engine import Hyperparameters, encode_pairs, fine_tune, subsample_negatives
     from pipeline.model import load_tokenizer, pick_device
-    from pipeline.objective import fold_indices
+    from pipeline.trial import fold_indices
 
     params, model, train, space, digest = table_setup(layers, negatives, max_lr)
 
@@ -182,6 +184,23 @@ def merge(new: pd.DataFrame, digest: str, path: Path = CURVES) -> pd.DataFrame:
     return new.sort_values(["trial", "fold", "epoch"]).reset_index(drop=True)
 
 
+def record_machine(digest: str, trials: range, seconds: float, table: pd.DataFrame,
+                   path: Path = CURVES_MACHINE) -> None:
+    """Where the table was recorded: ``curves.json`` beside it, one entry per chunk of trials
+    (chunks may come from different runs), the latest chunk's machine and command on top."""
+    from pipeline.common import write_json
+    from pipeline.machine import command, describe
+
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    chunks = old.get("chunks", []) if old.get("setup") == digest else []
+    machine = describe()
+    chunks.append({"trials": f"{trials.start}-{trials.stop - 1}", "machine": machine["label"],
+                   "command": command(), "seconds": round(seconds, 1)})
+    write_json(path, {"machine": machine, "command": command(), "setup": digest,
+                      "table": CURVES.name, "trials": int(table["trial"].nunique()),
+                      "rows": len(table), "chunks": chunks}, sort_keys=False)
+
+
 def main() -> None:
     from pipeline.common import atomic_path
 
@@ -201,6 +220,7 @@ def main() -> None:
     table = merge(new, digest)
     with atomic_path(CURVES) as tmp:
         table.to_csv(tmp, index=False)
+    record_machine(digest, args.trials, time.perf_counter() - start, table)
     print(f"{CURVES.relative_to(ROOT)}: {table['trial'].nunique()} trials, {len(table)} rows "
           f"({time.perf_counter() - start:.0f} s for trials {args.trials.start}-"
           f"{args.trials.stop - 1})")

@@ -23,7 +23,8 @@ model, see below) for a machine without this environment; ``--pairs-dir DIR`` re
 
 One CSV row per (corpus, recipe, seed, epoch): validation metrics, training samples so far, and
 the wall-clock seconds of training and validation on the machine that ran it (the CPU cost of a
-recipe is ``train_samples`` over the CPU's samples/s: README, "What the CPU budget buys").
+recipe is ``train_samples`` over the CPU's samples/s: docs/results.md, "Recipe curves"). A JSON
+file beside the CSV (same name) records that machine and the command.
 
 Usage: ``python bench/recipe_curves.py [--corpus sample seed7] [--seeds 2] [--jobs 1]``
        (``--jobs N`` runs N fine-tunes at once, each in its own process: for a GPU machine).
@@ -163,7 +164,7 @@ def _run_one(task: tuple) -> list[dict]:
                                        precision=recipe.precision, cpu_threads=threads)
     pairs = pd.read_csv(pairs_path, keep_default_na=False)
     pairs = pairs[pairs["split"] == "train"].reset_index(drop=True)
-    folds = pairs["fold"].to_numpy()  # as pipeline.objective.fold_indices (no optuna import)
+    folds = pairs["fold"].to_numpy()  # as pipeline.trial.fold_indices (no optuna import)
     train, val = np.flatnonzero(folds != FOLD), np.flatnonzero(folds == FOLD)
     fold_seed = derive_seed(params.seed, "recipe", corpus, seed)
     train = select_negatives(pairs, train, recipe, fold_seed)
@@ -218,6 +219,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds: stop starting fine-tunes after this, keep those done")
     args = parser.parse_args()
+    from pipeline.common import write_json
+    from pipeline.machine import command, describe
     from pipeline.params import load_params
 
     if args.export:
@@ -256,8 +259,12 @@ def main() -> None:
                 break
     summary = summarise(save())
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(json.dumps({"fine_tunes": done, "of": len(tasks),
-                      "seconds": round(time.perf_counter() - start, 1)}))
+    run = {"fine_tunes": done, "of": len(tasks), "jobs": args.jobs,
+           "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(run))
+    # where the table was measured: <out>.json beside the CSV
+    write_json(args.out.with_suffix(".json"), {"machine": describe(), "command": command(),
+                                              "table": args.out.name, **run}, sort_keys=False)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ Training batches are length-grouped (buckets of similar length, bucket order shu
 and padded per batch, so little compute goes to padding; evaluation runs in inference mode over
 length-sorted, larger batches. Autocast follows ``train.precision`` (pipeline/model.py: bf16 on
 CUDA and on CPUs with bf16 units, fp16 with a grad scaler on CUDA without bf16). On CUDA also TF32,
-SDPA attention, pinned memory, and the loss stays on the device: it is read once per epoch and
-checked for NaN/inf every ``NONFINITE_CHECK_STEPS`` steps, since every read of a device value makes
-the host wait for the GPU. Batches larger than ``train.max_device_batch_size`` are split into
-micro-batches with gradient accumulation.
+SDPA attention, pinned memory with asynchronous copies (token ids and labels), class weights
+moved to the device once, and no read of a device value inside a training step: the loss is
+summed on the device, checked for NaN/inf every ``LOSS_CHECK_STEPS`` steps and read once per
+epoch (every read makes the host wait for the GPU; the fused AdamW takes fp16's loss scale
+without one). Batches larger than ``train.max_device_batch_size`` are split into micro-batches
+with gradient accumulation.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from pipeline.faults import Fault
 from pipeline.metrics import classification_metrics
 from pipeline.model import Device, load_classifier
 from pipeline.params import Hyperparameters, ModelParams, TrainParams
@@ -38,7 +39,7 @@ from pipeline.progress import progress
 BUCKET_BATCHES = 50
 # On CUDA, how many optimizer steps pass between checks of the loss for NaN/inf (each check is a
 # host-device sync). On a CPU every step is checked: it costs nothing there.
-NONFINITE_CHECK_STEPS = 50
+LOSS_CHECK_STEPS = 50
 
 
 @dataclass
@@ -168,33 +169,35 @@ def collate(enc: Encoded, idx: np.ndarray, device: Device) -> dict[str, torch.Te
     arrays = {"input_ids": ids, "attention_mask": mask}
     if types is not None:
         arrays["token_type_ids"] = types
-    cuda = device.type == "cuda"
-    out = {}
-    for key, arr in arrays.items():
-        t = torch.from_numpy(arr)
-        out[key] = t.pin_memory().to(device.torch, non_blocking=True) if cuda else t
-    return out
+    return {key: to_device(arr, device) for key, arr in arrays.items()}
 
 
-def make_loss(hp: Hyperparameters, train_labels: np.ndarray) -> Callable:
-    """Per-sample loss: class-weighted cross-entropy, or focal loss (alpha: positive class)."""
+def to_device(arr: np.ndarray, device: Device) -> torch.Tensor:
+    """A host array on the device: on CUDA through pinned memory, without waiting for the copy."""
+    t = torch.from_numpy(arr)
+    return t.pin_memory().to(device.torch, non_blocking=True) if device.type == "cuda" else t
+
+
+def make_loss(hp: Hyperparameters, train_labels: np.ndarray,
+              device: torch.device | None = None) -> Callable:
+    """Per-sample loss: class-weighted cross-entropy, or focal loss (alpha: positive class).
+    Its constants live on ``device`` (default CPU) from the start."""
     if hp.loss_function == "weighted_ce":
         n = len(train_labels)
         n_pos = max(int(train_labels.sum()), 1)
-        weights = torch.tensor([n / (2 * max(n - n_pos, 1)), n / (2 * n_pos)])
+        weights = torch.tensor([n / (2 * max(n - n_pos, 1)), n / (2 * n_pos)], device=device)
 
         def weighted_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            w = weights.to(logits.device)
-            return F.cross_entropy(logits.float(), y, weight=w, reduction="none")
+            return F.cross_entropy(logits.float(), y, weight=weights, reduction="none")
 
         weighted_ce.weights = weights  # the per-class weights, for the accumulation denominator
         return weighted_ce
     if hp.loss_function == "focal":
-        alpha = torch.tensor([1.0 - hp.focal_alpha, hp.focal_alpha])
+        alpha = torch.tensor([1.0 - hp.focal_alpha, hp.focal_alpha], device=device)
 
         def focal(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             logp = F.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1)
-            return -alpha.to(logits.device)[y] * (1 - logp.exp()) ** hp.focal_gamma * logp
+            return -alpha[y] * (1 - logp.exp()) ** hp.focal_gamma * logp
 
         return focal
     raise ValueError(f"unknown loss_function {hp.loss_function!r}")
@@ -208,13 +211,14 @@ def predict(model, enc: Encoded, indices: np.ndarray, batch_size: int,
         raise ValueError("compact token ids need the model with the compact embeddings")
     model.eval()
     order = indices[np.argsort(enc.lengths[indices], kind="stable")]
-    probs = np.empty(len(order), dtype=np.float64)
+    parts = []  # kept on the device: one copy back at the end, not one wait per batch
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         with torch.autocast(device.type, dtype=device.amp_dtype,
                             enabled=device.amp_dtype is not None):
             logits = model(**collate(enc, batch, device)).logits
-        probs[start : start + len(batch)] = torch.softmax(logits.float(), -1)[:, 1].cpu().numpy()
+        parts.append(torch.softmax(logits.float(), -1)[:, 1])
+    probs = torch.cat(parts).double().cpu().numpy() if parts else np.empty(0)
     result = np.empty(len(order), dtype=np.float64)
     position = {int(i): k for k, i in enumerate(order)}
     for k, i in enumerate(indices):
@@ -249,6 +253,71 @@ class FitResult:
     stopped: bool = False  # on_epoch asked to stop (the trial was pruned mid-fold)
 
 
+class _Trainer:
+    """A fresh classifier with its optimizer, schedule and loss: :meth:`step` is one optimizer
+    step over one batch (micro-batches when it is larger than train.max_device_batch_size)."""
+
+    def __init__(self, model_params: ModelParams, train_params: TrainParams,
+                 hp: Hyperparameters, enc: Encoded, train_idx: np.ndarray, seed: int,
+                 device: Device, fault: Callable[[int, torch.Tensor], torch.Tensor] | None):
+        self.enc, self.device, self.fault = enc, device, fault
+        self.model = model = load_classifier(model_params.name, model_params.num_hidden_layers,
+                                             seed)
+        self.full_embeddings = None
+        if enc.vocab is not None:
+            self.full_embeddings = shrink_embeddings(model, enc.vocab)
+        model.to(device.torch)
+        # The compiled wrapper shares the parameters; `model` stays the saveable module.
+        self.forward = torch.compile(model, dynamic=True) if train_params.compile else model
+        self.micro = min(hp.per_device_train_batch_size, train_params.max_device_batch_size)
+        steps_per_epoch = math.ceil(len(train_idx) / hp.per_device_train_batch_size)
+        total_steps = steps_per_epoch * hp.num_train_epochs
+        no_decay = ("bias", "LayerNorm.weight", "layernorm.weight", "norm.weight")
+        groups = [
+            {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+             "weight_decay": hp.weight_decay},
+            {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+             "weight_decay": 0.0},
+        ]
+        self.optimizer = make_optimizer(groups, hp.learning_rate)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, math.ceil(hp.warmup_ratio * total_steps), total_steps)
+        # fp16 needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(device.type,
+                                           enabled=device.amp_dtype == torch.float16)
+        self.loss_fn = make_loss(hp, enc.labels[train_idx], device.torch)
+        self.class_weights = getattr(self.loss_fn, "weights", None)
+        self.steps = 0
+
+    def step(self, batch: np.ndarray) -> torch.Tensor:
+        """Forward, backward and update on ``batch``; its mean loss, left on the device."""
+        device = self.device
+        y_all = to_device(self.enc.labels[batch], device)
+        # the denominator of the full batch, so that accumulation equals one big batch
+        denom = (self.class_weights[y_all].sum() if self.class_weights is not None
+                 else float(len(batch)))
+        batch_loss = torch.zeros((), device=device.torch)
+        for m in range(0, len(batch), self.micro):
+            inputs = collate(self.enc, batch[m : m + self.micro], device)
+            with torch.autocast(device.type, dtype=device.amp_dtype,
+                                enabled=device.amp_dtype is not None):
+                logits = self.forward(**inputs).logits
+            loss = self.loss_fn(logits, y_all[m : m + self.micro]).sum() / denom
+            if self.fault is not None:
+                loss = self.fault(self.steps + 1, loss)
+            self.scaler.scale(loss).backward()
+            batch_loss += loss.detach().float()
+        self.steps += 1
+        # update
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return batch_loss
+
+
 def fine_tune(
     model_params: ModelParams,
     train_params: TrainParams,
@@ -262,7 +331,7 @@ def fine_tune(
     on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
     keep_model: bool = False,
     desc: str = "train",
-    fault: Fault | None = None,
+    fault: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     validate_every_epoch: bool = False,
 ) -> FitResult:
     """Fine-tune a fresh classifier on ``train_idx``; validate on ``val_idx``.
@@ -271,39 +340,16 @@ def fine_tune(
     epochs without a better ``monitor`` and its score is the best epoch's; otherwise only the
     last epoch is validated (every epoch with ``validate_every_epoch``) and it gives the score.
     ``on_epoch(epoch, record)`` sees every epoch's record; when it answers True the fit stops
-    there (``FitResult.stopped``: a pruned trial).
+    there (``FitResult.stopped``: a pruned trial). ``fault(step, loss) -> loss`` is called at
+    every optimizer step (tests inject failures through it: pipeline/faults.py).
     """
-    model = load_classifier(model_params.name, model_params.num_hidden_layers, seed)
-    forward = optimizer = scheduler = None
+    trainer = _Trainer(model_params, train_params, hp, enc, train_idx, seed, device, fault)
+    model = trainer.model
     try:
-        full_embeddings = None
-        if enc.vocab is not None:
-            full_embeddings = shrink_embeddings(model, enc.vocab)
-        model.to(device.torch)
-        # The compiled wrapper shares the parameters; `model` stays the saveable module.
-        forward = torch.compile(model, dynamic=True) if train_params.compile else model
         rng = np.random.default_rng(seed)
-        micro = min(hp.per_device_train_batch_size, train_params.max_device_batch_size)
-        steps_per_epoch = math.ceil(len(train_idx) / hp.per_device_train_batch_size)
-        total_steps = steps_per_epoch * hp.num_train_epochs
-        no_decay = ("bias", "LayerNorm.weight", "layernorm.weight", "norm.weight")
-        groups = [
-            {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-             "weight_decay": hp.weight_decay},
-            {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
-             "weight_decay": 0.0},
-        ]
-        optimizer = make_optimizer(groups, hp.learning_rate)
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, math.ceil(hp.warmup_ratio * total_steps), total_steps)
-        # fp16 needs loss scaling; bf16 and fp32 do not.
-        scaler = torch.amp.GradScaler(enabled=device.amp_dtype == torch.float16)
-        loss_fn = make_loss(hp, enc.labels[train_idx])
-        class_weights = getattr(loss_fn, "weights", None)
-
         result = FitResult(seed=seed, epochs_run=0, best_epoch=0, metrics={})
-        best_score, since_best, step = -math.inf, 0, 0
-        check_every = NONFINITE_CHECK_STEPS if device.type == "cuda" else 1
+        best_score, since_best = -math.inf, 0
+        check_every = LOSS_CHECK_STEPS if device.type == "cuda" else 1
         pads: list[np.ndarray] = []
         for epoch in progress(range(1, hp.num_train_epochs + 1), f"{desc} epoch", plain=True,
                               leave=False):
@@ -319,35 +365,11 @@ def fine_tune(
             for k, batch in enumerate(progress(batches,
                                                f"{desc} epoch {epoch}/{hp.num_train_epochs}",
                                                leave=False)):
-                y_all = torch.from_numpy(enc.labels[batch]).to(device.torch)
-                # the denominator of the full batch, so that accumulation equals one big batch
-                denom = (class_weights.to(device.torch)[y_all].sum()
-                         if class_weights is not None else torch.tensor(float(len(batch))))
-                batch_loss = torch.zeros((), device=device.torch)
-                for m in range(0, len(batch), micro):
-                    part = batch[m : m + micro]
-                    inputs = collate(enc, part, device)
-                    with torch.autocast(device.type, dtype=device.amp_dtype,
-                                        enabled=device.amp_dtype is not None):
-                        logits = forward(**inputs).logits
-                    loss = loss_fn(logits, y_all[m : m + micro]).sum() / denom
-                    if fault is not None:
-                        loss = fault.trigger(step + 1, loss)
-                    scaler.scale(loss).backward()
-                    batch_loss += loss.detach().float()
-                step += 1
-                epoch_loss += batch_loss * len(batch)
-                if ((step % check_every == 0 or k + 1 == len(batches))
+                epoch_loss += trainer.step(batch) * len(batch)
+                if ((trainer.steps % check_every == 0 or k + 1 == len(batches))
                         and not torch.isfinite(epoch_loss)):
                     where = "at" if check_every == 1 else f"by (checked every {check_every})"
-                    raise FloatingPointError(f"non-finite loss {where} step {step}")
-                # update
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                    raise FloatingPointError(f"non-finite loss {where} step {trainer.steps}")
                 epoch_n += len(batch)
             record = {"train_loss": float(epoch_loss) / max(epoch_n, 1)}  # the epoch's one sync
             result.train_seconds += time.perf_counter() - start
@@ -382,15 +404,46 @@ def fine_tune(
                 break
         result.padding_fraction = padding_fraction(enc.lengths, pads)
         if keep_model:
-            if full_embeddings is not None:
-                expand_embeddings(model, enc.vocab, full_embeddings.to(device.torch))
+            if trainer.full_embeddings is not None:
+                expand_embeddings(model, enc.vocab, trainer.full_embeddings.to(device.torch))
             result.model = model
         return result
     finally:
         # Free the model and optimizer state before the next fold (GPU memory above all).
+        del trainer
         if not keep_model:
             del model
-        del forward, optimizer, scheduler
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def throughput(model_params: ModelParams, train_params: TrainParams, hp: Hyperparameters,
+               enc: Encoded, train_idx: np.ndarray, device: Device, seconds: float,
+               warmup_steps: int = 5, start: Callable[[], None] | None = None,
+               ) -> dict[str, float]:
+    """Training samples per second of one fine-tune at ``hp``'s batch size, measured over
+    ``seconds`` after ``warmup_steps`` (``start()`` is called in between: a barrier, so that
+    several processes measure together), and the process's peak device memory in MB."""
+    trainer = _Trainer(model_params, train_params, hp, enc, train_idx, 0, device, None)
+    trainer.model.train()
+    rng = np.random.default_rng(0)
+    batches = length_grouped_batches(enc.lengths, train_idx, hp.per_device_train_batch_size, rng)
+    batches.sort(key=lambda b: -int(enc.lengths[b].max()))  # longest first: the memory peak
+
+    def run(seconds: float, steps: int) -> tuple[int, float]:
+        done, n, t0 = 0, 0, time.perf_counter()
+        while done < steps or (seconds and time.perf_counter() - t0 < seconds):
+            batch = batches[done % len(batches)]
+            trainer.step(batch)
+            done, n = done + 1, n + len(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n, time.perf_counter() - t0
+
+    run(0.0, warmup_steps)
+    if start is not None:
+        start()
+    n, elapsed = run(seconds, 1)
+    peak = torch.cuda.max_memory_reserved() / 2**20 if device.type == "cuda" else 0.0
+    return {"samples_per_second": n / elapsed, "peak_memory_mb": peak}

@@ -36,8 +36,8 @@ class Fault:
     step: int = 1
     ms: int = 0  # delay only
 
-    def trigger(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        """Called by the engine at every optimizer step of the targeted fold."""
+    def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """Called by the engine at every optimizer step of the targeted fold (its ``fault``)."""
         if step != self.step:
             return loss
         if self.kind == "oom":
@@ -67,8 +67,8 @@ def parse(spec: str) -> list[Fault]:
 
 
 def for_fold(trial: int, fold: int, spec: str | None = None) -> Fault | None:
-    """The fault planned for this trial and fold, if any (``spec``: default the environment;
-    a trial's child process gets its parent's, since the fork server's may be older)."""
+    """The fault planned for this trial (its index) and fold, if any (``spec``: default the
+    environment; a trial's process gets the stage's, since the fork server's may be older)."""
     for fault in parse(os.environ.get(ENV, "") if spec is None else spec):
         if fault.trial in (trial, -1) and fault.fold == fold:
             return fault

@@ -2,234 +2,371 @@
 
 Reads   paths.pairs (the ``train`` split and its fixed folds)
         params: seed, model.*, train.*, hpo.*
-Writes  paths.study_db      the study (persisted: a rerun resumes it, see dvc.yaml); with another
-                            storage (PostgreSQL, a journal file) a snapshot of it
+Writes  paths.study_db      a snapshot of the study (persisted: see dvc.yaml); the study itself
+                            runs in paths.study_store (or hpo.storage) and resumes there
         paths.trials        one row per trial: state, value, fold mean/std, hyperparameters
         paths.fold_metrics  one row per fold fit: seed, epochs, padding, the four metrics
         paths.study_summary study definition, counts, best trial (JSON)
         paths.importance    hyperparameter importances (evaluator named in params)
-        paths.hpo_metrics   best value, its fold mean/std, trial counts, fold fits run/possible
+        paths.hpo_metrics   best value, its fold mean/std, trial counts, fold fits run/possible,
+                            the precision and machine the trials ran on
 Logs    MLflow: a parent run per study (reused on resume) > a run per trial > a run per fold
         with per-epoch metrics.
 
-The study (pipeline/study.py) must hold ``hpo.n_trials`` finished (complete or pruned) trials;
-only the missing ones run, and the outputs describe the first ``n_trials`` finished trials, so
-they depend on params alone.
+The study must hold ``hpo.n_trials`` finished (complete or pruned) trials; only the missing ones
+run, and the outputs describe the first ``n_trials`` finished trials by index, so they depend on
+params alone (pipeline/study_outputs.py).
 
-Trials run in **waves** of up to ``hpo.n_jobs``, each in its own process on its own slot (CPU
-cores or a GPU: pipeline/trial_process.py). A wave's trials are asked one after the other from a
-sampler seeded by the study's history, and none of them is told to Optuna before the whole wave
-has ended. So every suggestion and every pruning decision sees exactly the trials of the earlier
-waves, finished, and the wave's earlier trials as RUNNING: the study is the same at any timing,
-and the same after a kill and rerun (README, "Parallel trials").
+One trial's path: :class:`Scheduler` takes the lowest index the schedule allows
+(pipeline/study.py: trial k sees the trials up to k - ``hpo.parallelism``), suggests its
+hyperparameters from that view, and starts :func:`pipeline.trial.run_trial` in a process on a free
+slot (pipeline/placement.py); the trial fine-tunes its folds (pipeline/engine.py), prunes itself,
+and hands back one result, which :meth:`Scheduler.record` tells Optuna and MLflow. Up to
+``hpo.n_jobs`` trials run at once; the study is the same at any n_jobs, timing or kill.
 
 ``python -m pipeline.hpo --worker`` joins the study that params.yaml defines (same storage, from
-any machine) and runs waves until the study holds n_trials finished trials; it writes nothing.
-Trials of several processes interleave as their timing falls, so a study with extra workers is not
-reproducible. The stage does the same, then waits for trials still running elsewhere and writes
-the outputs.
+any machine) and runs trials by the same schedule until the study is complete; it writes nothing.
+The stage does the same, then waits for trials still running elsewhere and writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
-from optuna.storages._heartbeat import get_heartbeat_thread
-from optuna.trial import TrialState
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import faults
+from pipeline import faults, placement
 from pipeline.common import run_stage
 from pipeline.engine import ENCODE_STATS, encode_pairs
 from pipeline.errors import StageError
+from pipeline.machine import label as machine_label
 from pipeline.model import load_tokenizer
-from pipeline.objective import CrossValidation, TrialRun, fold_indices, open_places
-from pipeline.params import Params, load_params
+from pipeline.params import Hyperparameters, Params, load_params
 from pipeline.progress import progress
-from pipeline.storage import StudyStorage
+from pipeline.storage import StudyStorage, worker_identity
 from pipeline.study import (
+    DUPLICATE,
+    ERROR,
+    INDEX,
+    Ledger,
     make_pruner,
-    make_sampler,
     study_definition,
     study_name,
+    suggest_from_view,
     warm_start_points,
 )
-from pipeline.study_outputs import FINISHED_STATES, write_outputs
-from pipeline.tracking import FAILED, FINISHED, KILLED, RunTree
-from pipeline.trial_process import (
-    EpochEnd,
-    Failed,
-    FoldEnd,
-    Slot,
+from pipeline.study_outputs import write_outputs
+from pipeline.tracking import FAILED, FINISHED, KILLED, STATUS_OF_STATE, RunTree
+from pipeline.trial import (
+    CrossValidation,
     TrialProcess,
-    child_context,
-    estimate_trial_mb,
-    plan_slots,
-    wait_any,
+    TrialResult,
+    TrialTask,
+    fork_server,
+    probe,
+    ready,
+    run_trial,
 )
 
 POLL_SECONDS = 2.0
+PROBE_SECONDS = 10.0  # measured training time of each round of the GPU probe (n_jobs: auto)
 
 
 @dataclass
-class WaveStats:
-    """What the waves of this process cost: slot-seconds spent waiting at the wave barrier."""
+class Running:
+    """A trial this process runs: its Optuna trial, MLflow run, process and heartbeat."""
 
-    waves: int = 0
-    trials: int = 0
-    slot_seconds: float = 0.0  # wave wall time x slots used, summed over waves
-    idle_seconds: float = 0.0  # of which a slot's trial had ended and it waited for the wave
-
-    @property
-    def idle_fraction(self) -> float:
-        return self.idle_seconds / self.slot_seconds if self.slot_seconds else 0.0
-
-
-# The waves run by this process (for bench/study_speed.py and the MLflow study run).
-WAVE_STATS = WaveStats()
-
-
-def _counts(study: optuna.Study) -> dict[TrialState, int]:
-    counts = dict.fromkeys(TrialState, 0)
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state] += 1
-    return counts
-
-
-def _finished(study: optuna.Study) -> int:
-    c = _counts(study)
-    return c[TrialState.COMPLETE] + c[TrialState.PRUNED]
-
-
-def close_dead_trials(study: optuna.Study, storage: StudyStorage, runs: RunTree) -> None:
-    """Fail (and queue a retry of) dead workers' trials; close their MLflow runs."""
-    for trial in storage.fail_dead_trials(study):
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            reason = trial.user_attrs.get("fail_reason") or "worker died (no heartbeat)"
-            runs.close_open_children(run_id, KILLED)
-            runs.log(run_id, tags={"fail_reason": reason})
-            runs.end(run_id, FAILED)
+    trial: optuna.Trial
+    index: int
+    run_id: str
+    slot: placement.Slot
+    hp: Hyperparameters
+    process: TrialProcess | None = None
+    result: TrialResult | None = None  # of a trial run in this process (no isolation)
+    heartbeat: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
 class Scheduler:
-    """Runs the study's missing trials in waves on this process's slots."""
+    """Runs the study's missing trials on this process's slots, by the schedule of study.py."""
 
-    def __init__(self, study: optuna.Study, cv: CrossValidation, storage: StudyStorage,
-                 params: Params, runs: RunTree, slots: list[Slot], worker: bool) -> None:
-        self.study, self.cv, self.storage, self.params = study, cv, storage, params
-        self.runs, self.slots, self.worker = runs, slots, worker
-        self.context = child_context(params.model.name) if params.hpo.isolate_trials else None
+    def __init__(self, study: optuna.Study, storage: StudyStorage, params: Params,
+                 runs: RunTree, parent: str, points: list[dict[str, Any]]) -> None:
+        self.study, self.storage, self.params = study, storage, params
+        self.runs, self.parent, self.points = runs, parent, points
         self.fault_spec = os.environ.get(faults.ENV, "")
         self.failures: list[str] = []
 
-    def run(self) -> None:
+    def ledger(self) -> Ledger:
+        return Ledger.of(self.study, self.params.hpo.max_retries)
+
+    def run(self, cv: CrossValidation, slots: list[placement.Slot]) -> None:
         """Until the study holds hpo.n_trials finished trials (or too many failed here)."""
-        n, max_failures = self.params.hpo.n_trials, self.params.hpo.max_failures
-        bar = progress(desc="trials", total=n, initial=min(_finished(self.study), n), plain=True)
-        while len(self.failures) <= max_failures:
-            close_dead_trials(self.study, self.storage, self.runs)
-            finished = _finished(self.study)
-            if finished >= n:
-                break
-            free = open_places(self.study, n)
-            if free <= 0:
-                time.sleep(POLL_SECONDS)  # the last trials are running elsewhere
-                continue
-            # A fresh sampler per wave, seeded by the history it will see (pipeline/study.py).
-            self.study.sampler = make_sampler(self.params, finished, self.worker)
-            wave = [r for r in (self.cv.start(self.study)
-                                for _ in range(min(len(self.slots), free))) if r is not None]
-            if not wave:
-                continue
-            self.run_wave(wave)
-            for r in sorted(wave, key=lambda r: r.number):  # tell in trial order
-                state = self.cv.finish(self.study, r)
-                if state in FINISHED_STATES:
-                    bar.update(1, note=f"trial {r.number} {state.name}")
-                elif state == TrialState.FAIL:
-                    self.failures.append(f"trial {r.number}: {r.error}")
-        bar.close()
-        if len(self.failures) > max_failures:
+        hpo = self.params.hpo
+        context = fork_server(self.params.model.name) if hpo.isolate_trials else None
+        free, running = list(slots), []
+        bar = progress(desc="trials", total=hpo.n_trials, plain=True,
+                       initial=min(self.ledger().finished(hpo.n_trials), hpo.n_trials))
+        try:
+            while True:
+                self.close_dead_trials()
+                ledger = self.ledger()
+                if ledger.done(hpo.n_trials) and not running:
+                    break
+                while free and len(self.failures) <= hpo.max_failures and \
+                        (k := ledger.next_index(hpo.n_trials, hpo.parallelism)) is not None:
+                    started = self.claim(k, ledger, free[0])
+                    if started is not None:
+                        free.pop(0)
+                        running.append(started)
+                        self.start(started, cv, context)
+                    ledger = self.ledger()
+                if not running:
+                    if len(self.failures) > hpo.max_failures:
+                        break
+                    time.sleep(POLL_SECONDS)  # trials running elsewhere, or a dead one's turn
+                    continue
+                for r in self.wait(running):
+                    running.remove(r)
+                    free.append(r.slot)
+                    state = self.record(r, self.outcome(r, cv))
+                    bar.update(int(state != "FAIL"), note=f"trial {r.index} {state}")
+        finally:
+            for r in running:  # interrupted: the index is open again for the next run
+                if r.process is not None:
+                    r.process.close(wait=0)
+                self.abandon(r, "the stage stopped during the trial")
+            bar.close()
+        if len(self.failures) > hpo.max_failures:
             raise StageError(
                 f"hpo: {len(self.failures)} trials failed in this run, more than "
-                f"hpo.max_failures={max_failures}; last: {self.failures[-1]}")
+                f"hpo.max_failures={hpo.max_failures}; last: {self.failures[-1]}")
 
-    def run_wave(self, wave: list[TrialRun]) -> None:
-        """Compute the wave's trials at once, one per slot, answering their events."""
-        start = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            for r in wave:  # database storages: a dead stage's trials go stale
-                stack.enter_context(get_heartbeat_thread(r.trial._trial_id, self.study._storage))
-            if self.context is None:  # in this process (hpo.isolate_trials: false, n_jobs 1)
-                for r in wave:
-                    r.run_here(self.cv.runner, self.fault_spec)
-            else:
-                self._pump(wave)
-        end = time.perf_counter()
-        WAVE_STATS.waves += 1
-        WAVE_STATS.trials += len(wave)
-        WAVE_STATS.slot_seconds += (end - start) * len(wave)
-        WAVE_STATS.idle_seconds += sum(end - (r.ended_at or end) for r in wave)
+    def claim(self, k: int, ledger: Ledger, slot: placement.Slot) -> Running | None:
+        """Create the trial at index ``k`` with the hyperparameters its view gives; None when
+        another process claimed k first (this attempt is marked duplicate)."""
+        hpo = self.params.hpo
+        view = ledger.view(k, hpo.parallelism)
+        point = self.points[k] if k < len(self.points) else None
+        hp, values, distributions = suggest_from_view(self.params, k, view,
+                                                      self.study.directions, point)
+        attrs = {INDEX: k, "hyperparameters": hp.as_dict(), "slot": slot.describe(),
+                 **worker_identity(), **self.runs.identity}
+        template = FrozenTrial(
+            number=-1, trial_id=-1, state=TrialState.RUNNING, value=None,
+            datetime_start=datetime.datetime.now(), datetime_complete=None,
+            params=values, distributions=distributions, user_attrs=attrs, system_attrs={},
+            intermediate_values={})
+        storage = self.study._storage
+        trial_id = storage.create_new_trial(self.study._study_id, template_trial=template)
+        if is_heartbeat_enabled(storage):  # alive from the first moment it is visible
+            storage.record_heartbeat(trial_id)
+        trial = optuna.Trial(self.study, trial_id)
+        if self.lost_race(k, trial.number):
+            trial.set_user_attr(DUPLICATE, True)
+            self.study.tell(trial, state=TrialState.FAIL)
+            return None
+        run_id = self.runs.child(self.parent, f"trial-{k}", {
+            "optuna.study_name": self.study.study_name, "optuna.trial_number": trial.number,
+            "trial_index": k, **worker_identity()})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        self.runs.log(run_id, params=hp.as_dict())
+        running = Running(trial, k, run_id, slot, hp)
+        running.heartbeat.enter_context(get_heartbeat_thread(trial_id, storage))
+        return running
 
-    def _pump(self, wave: list[TrialRun]) -> None:
-        # A shorter wave (the study's last) shares all the cores among its trials.
-        slots = self.slots if len(wave) == len(self.slots) else \
-            _slots(self.params, self.study, len(wave))
-        processes = {}
-        for r, slot in zip(wave, slots, strict=True):
-            r.trial.set_user_attr("slot", slot.describe())
-            processes[TrialProcess(self.context, self.cv.runner, r.hp, r.number, r.seed_number,
-                                   slot, self.fault_spec)] = r
-        pending = list(processes)
+    def lost_race(self, k: int, number: int) -> bool:
+        """True when an earlier attempt at index k (another process's) is alive or ended."""
+        return any(t.number < number and (t.state != TrialState.FAIL or ERROR in t.user_attrs)
+                   for t in self.study.get_trials(deepcopy=False)
+                   if t.user_attrs.get(INDEX) == k and not t.user_attrs.get(DUPLICATE))
+
+    def start(self, r: Running, cv: CrossValidation, context: Any) -> None:
+        """Start the trial in its own process (or, without hpo.isolate_trials, run it here)."""
+        ledger = self.ledger()
+        seen = tuple((t.values[0], dict(t.intermediate_values))
+                     for t in ledger.view(r.index, self.params.hpo.parallelism)
+                     if t.state == TrialState.COMPLETE)
+        task = TrialTask(r.index, r.hp, seen, self.fault_spec)
+        if context is None:
+            r.slot.enter()
+            r.result = run_trial(cv, task)
+        else:
+            r.process = TrialProcess(context, r.slot, run_trial, (cv, task), f"trial-{r.index}")
+
+    def wait(self, running: list[Running]) -> list[Running]:
+        """The trials that have ended (an in-process one at once), within POLL_SECONDS."""
+        done = [r for r in running if r.process is None]
+        if done:
+            return done
+        found = ready([r.process for r in running], POLL_SECONDS)
+        return [r for r in running if r.process in found]
+
+    def outcome(self, r: Running, cv: CrossValidation) -> TrialResult:
+        if r.process is None:
+            return r.result
         try:
-            while pending:
-                for process in wait_any(pending, timeout=1.0):
-                    run = processes[process]
-                    event = process.receive()
-                    answer = run.handle(event)
-                    if isinstance(event, (FoldEnd, EpochEnd)):
-                        process.answer(bool(answer))
-                    elif run.ended_at is not None:  # Finished or Failed
-                        pending.remove(process)
-                        process.close()
-        finally:
-            for process, run in processes.items():
-                if process in pending:  # interrupted: the trial stays RUNNING for a retry
-                    process.close(wait=0)
-                    run.handle(Failed("the stage stopped during the trial"))
+            return r.process.result()
+        except ChildProcessError as err:  # the process died: a crash, the OOM killer, a kill
+            return TrialResult(r.index, state="FAIL", reason=str(err))
+
+    def record(self, r: Running, result: TrialResult) -> str:
+        """Tell Optuna and MLflow how the trial went: fold runs with per-epoch metrics, fold
+        metrics as user attributes, the pruner's reports, the tuned threshold, the state."""
+        trial, runs = r.trial, self.runs
+        if result.precision:
+            trial.set_user_attr("precision", result.precision)
+            trial.set_user_attr("machine", result.machine)
+            runs.log(r.run_id, tags={"precision": result.precision, "machine": result.machine})
+        for f in result.folds:
+            fold_run = runs.child(r.run_id, f"trial-{r.index}-fold-{f.fold}", {
+                "optuna.trial_number": trial.number, "trial_index": r.index, "fold": f.fold,
+                "seed": f.seed, "precision": result.precision}, start_time=f.started)
+            for epoch, metrics in enumerate(f.epochs, 1):
+                runs.log(fold_run, metrics, step=epoch, at=f.ended)
+            if not f.failed:
+                trial.set_user_attr(f"fold{f.fold}", f.summary)
+                runs.log(fold_run, {k: v for k, v in f.summary.items() if k != "seed"},
+                         at=f.ended)
+                runs.log(r.run_id, {f"fold{f.fold}_{k}": f.summary[k]
+                                    for k in ("macro_f1", "pos_f1", "roc_auc", "pr_auc")})
+            last = f is result.folds[-1]
+            runs.end(fold_run, FAILED if f.failed else
+                     KILLED if last and result.state == "PRUNED" else FINISHED, at=f.ended)
+        for step, value in sorted(result.reports.items()):
+            trial.report(value, step)
+        for key, value in {"peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
+                           **result.threshold}.items():
+            if value is not None:
+                trial.set_user_attr(key, value)
+        if result.state == "COMPLETE":
+            trial.set_user_attr("objectives", result.objectives)
+            runs.log(r.run_id, {"value": result.value, **result.threshold, **result.objectives})
+            self.study.tell(trial, [result.value, *result.objectives.values()])
+        elif result.state == "PRUNED":
+            runs.log(r.run_id, tags={"pruned_reason": result.reason})
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            trial.set_user_attr(ERROR, result.reason[:1000])
+            trial.set_user_attr("fail_reason", result.reason[:1000])
+            runs.log(r.run_id, tags={"fail_reason": result.reason})
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.failures.append(f"trial {r.index}: {result.reason}")
+        runs.log(r.run_id, tags={"optuna.folds_run": sum(not f.failed for f in result.folds)})
+        runs.end(r.run_id, STATUS_OF_STATE[result.state], at=result.ended or None)
+        r.heartbeat.close()
+        return result.state
+
+    def abandon(self, r: Running, reason: str) -> None:
+        """End an attempt without a result: FAIL without ``error``, so its index runs again."""
+        r.heartbeat.close()
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            r.trial.set_user_attr("fail_reason", reason)
+            self.study.tell(r.trial, state=TrialState.FAIL)
+        self.runs.close_open_children(r.run_id, KILLED)
+        self.runs.log(r.run_id, tags={"fail_reason": reason})
+        self.runs.end(r.run_id, KILLED)
+
+    def close_dead_trials(self) -> None:
+        """Fail dead workers' trials (their indices run again); close their MLflow runs."""
+        for trial in self.storage.fail_dead_trials(self.study):
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id:
+                reason = trial.user_attrs.get("fail_reason") or "worker died (no heartbeat)"
+                self.runs.close_open_children(run_id, KILLED)
+                self.runs.log(run_id, tags={"fail_reason": reason})
+                self.runs.end(run_id, FAILED)
 
 
-def wait_for_running(study: optuna.Study, storage: StudyStorage, runs: RunTree) -> None:
-    """Until no trial is RUNNING (other workers finishing, or dead ones going stale)."""
-    while _counts(study)[TrialState.RUNNING]:
-        close_dead_trials(study, storage, runs)
-        time.sleep(POLL_SECONDS)
+def probe_point(params: Params) -> Hyperparameters:
+    """The search space's most memory-hungry point for the GPU probe: its largest batch (and
+    otherwise its first choices and lowest values)."""
+    values = {}
+    for name, p in params.hpo.search_space.items():
+        if p.type == "fixed":
+            values[name] = p.value
+        elif p.type == "categorical":
+            values[name] = max(p.choices) if name == "per_device_train_batch_size" \
+                else p.choices[0]
+        else:
+            values[name] = type(p.low)(p.high if name == "per_device_train_batch_size"
+                                       else p.low)
+    return Hyperparameters(**values)
 
 
-def _tokenised(params: Params) -> tuple[pd.DataFrame, bytes]:
-    pairs_bytes = Path(params.paths.pairs).read_bytes()
-    pairs = pd.read_csv(io.BytesIO(pairs_bytes), keep_default_na=False)
-    return pairs[pairs["split"] == "train"].reset_index(drop=True), pairs_bytes
-
-
-def _slots(params: Params, study: optuna.Study, n_jobs: int) -> list[Slot]:
-    """``n_jobs`` slots, checked against this machine and the memory trials of this study used."""
+def plan(params: Params, study: optuna.Study, cv: CrossValidation,
+         runs: RunTree, parent: str) -> list[placement.Slot]:
+    """This process's slots: hpo.n_jobs resolved (auto: probed on a GPU, cores on a CPU) and
+    checked against the memory this study's trials need; recorded on the study run."""
+    hpo, train = params.hpo, params.train
     trials = study.get_trials(deepcopy=False)
     rss = [t.user_attrs["peak_rss_mb"] for t in trials if t.user_attrs.get("peak_rss_mb")]
-    gpu = [t.user_attrs["peak_gpu_mb"] for t in trials if t.user_attrs.get("peak_gpu_mb")]
-    trial_mb = max(rss) if rss else estimate_trial_mb(params.model.name)
-    return plan_slots(n_jobs, params.hpo.devices, params.train.device,
-                      params.train.cpu_threads, trial_mb, max(gpu) if gpu else None)
+    trial_mb = max(rss) if rss else placement.estimate_trial_mb(params.model.name)
+    gpu_mb, n_jobs, info = None, hpo.n_jobs, {}
+    if placement.use_cuda(train.device):
+        import torch
+
+        gpus = placement.cuda_devices(hpo.devices)
+        probed = study.user_attrs.get("gpu_probe") or {}
+        if probed.get("gpu") != torch.cuda.get_device_name(gpus[0]) or \
+                (n_jobs == "auto" and "per_gpu" not in probed):
+            probed = gpu_probe(params, cv, gpus[0], auto=n_jobs == "auto")
+            study.set_user_attr("gpu_probe", probed)
+        gpu_mb = probed["footprint_mb"]
+        if n_jobs == "auto":
+            n_jobs = min(hpo.parallelism, probed["per_gpu"] * len(gpus))
+        info = {"gpu_footprint_mb": gpu_mb, "mps": placement.mps_running()}
+    elif n_jobs == "auto":
+        n_jobs = placement.cpu_jobs(hpo.parallelism, train.cpu_threads, trial_mb)
+    slots = placement.plan_slots(n_jobs, hpo.parallelism, hpo.devices, train.device,
+                                 train.cpu_threads, trial_mb, gpu_mb)
+    runs.log(parent, params={"n_jobs": n_jobs, **info},
+             tags={"slots": "; ".join(s.describe() for s in slots)})
+    return slots
+
+
+def gpu_probe(params: Params, cv: CrossValidation, gpu: int, auto: bool) -> dict[str, Any]:
+    """One process's GPU footprint at the space's largest batch, and with ``auto`` how many
+    processes the GPU runs best (placement.gpu_jobs), measured in probe processes."""
+    import torch
+
+    context = fork_server(params.model.name)
+    hp = probe_point(params)
+
+    def measure(n: int) -> list[dict[str, float]]:
+        barrier = context.Barrier(n)
+        processes = [TrialProcess(context, placement.Slot(i, cuda=gpu), probe,
+                                  (cv, hp, PROBE_SECONDS, barrier.wait), f"probe-{i}")
+                     for i in range(n)]
+        return [p.result() for p in processes]
+
+    free = torch.cuda.mem_get_info(gpu)[0] / 2**20
+    if auto:
+        per_gpu, trace = placement.gpu_jobs(measure, free, params.hpo.parallelism)
+    else:
+        (one,) = measure(1)
+        per_gpu, trace = None, [{"processes": 1, **one}]
+    found = {"gpu": torch.cuda.get_device_name(gpu), "footprint_mb": trace[0]["footprint_mb"],
+             "batch": hp.per_device_train_batch_size, "mps": placement.mps_running(),
+             "trace": trace}
+    if per_gpu is not None:
+        found["per_gpu"] = per_gpu
+    print(f"hpo: GPU probe on {found['gpu']} (MPS {'on' if found['mps'] else 'off'}): "
+          f"{found['footprint_mb']:,.0f} MB per process at batch {found['batch']}"
+          + (f"; {per_gpu} processes per GPU" if per_gpu else ""), flush=True)
+    return found
 
 
 def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> dict[str, Any]:
@@ -241,11 +378,12 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
     """
     hpo = params.hpo
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pairs, pairs_bytes = _tokenised(params)
+    pairs_bytes = Path(params.paths.pairs).read_bytes()
     storage = StudyStorage(params)
     points = warm_start_points(params, storage)
     definition = study_definition(params, hashlib.sha256(pairs_bytes).hexdigest(), points)
     name = study_name(hpo.study_prefix, definition)
+    sampler = optuna.samplers.RandomSampler(0)  # never samples: trials come from their views
     if worker:
         # Wait for the stage first: it also creates the MLflow store (two processes creating
         # the same SQLite store at once collide).
@@ -253,47 +391,54 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
         runs = RunTree(hpo.mlflow_experiment)
     else:
         runs = RunTree(hpo.mlflow_experiment)
+        storage.seed(name, params.paths.study_db)  # the committed study, into a fresh store
         study = optuna.create_study(
             storage=storage.optuna, study_name=name, pruner=make_pruner(params),
-            directions=["maximize"] + ["minimize"] * len(hpo.objectives), load_if_exists=True)
-        if not study.trials:
-            for point in points:  # warm start: earlier best points are the first trials
-                study.enqueue_trial(point, skip_if_exists=True)
+            sampler=sampler, directions=["maximize"] + ["minimize"] * len(hpo.objectives),
+            load_if_exists=True)
         if study.user_attrs.get("definition") != definition:
             study.set_user_attr("definition", definition)
         parent = runs.study_run(study.user_attrs.get("mlflow_run_id"), name,
                                 {"optuna.study_name": name, "optuna.storage": storage.redacted})
         if study.user_attrs.get("mlflow_run_id") != parent:
             study.set_user_attr("mlflow_run_id", parent)
-    resumed = _finished(study)
+    study.sampler = sampler
+    scheduler = Scheduler(study, storage, params, runs, parent, points)
+    resumed = scheduler.ledger().finished(hpo.n_trials)
     parent_status = FAILED
     try:
-        close_dead_trials(study, storage, runs)
-        if resumed < hpo.n_trials:
-            slots = _slots(params, study, hpo.n_jobs)
-            tokenizer = load_tokenizer(params.model.name)
-            start = time.perf_counter()
-            enc = encode_pairs(tokenizer, pairs["criterion"], pairs["sentence"],
-                               pairs["label"], params.model.max_length)
-            runs.log(parent, {"tokenize_seconds": time.perf_counter() - start,
-                              "tokenized_pairs": len(enc)})
-            folds = fold_indices(pairs["fold"].to_numpy(), params.prepare.n_folds)
-            cv = CrossValidation(params, enc, folds, runs, parent)
-            Scheduler(study, cv, storage, params, runs, slots, worker).run()
-            runs.log(parent, {"wave_idle_fraction": WAVE_STATS.idle_fraction,
-                              "waves": WAVE_STATS.waves})
+        scheduler.close_dead_trials()
+        if not scheduler.ledger().done(hpo.n_trials):
+            cv = _cross_validation(params, pairs_bytes, runs, parent)
+            scheduler.run(cv, plan(params, study, cv, runs, parent))
         if worker:
-            return {"study_name": name, "finished": _finished(study),
+            return {"study_name": name, "finished": scheduler.ledger().finished(hpo.n_trials),
                     "tokenize_calls": ENCODE_STATS["calls"]}
-        wait_for_running(study, storage, runs)
-        if storage.snapshot_needed():
-            storage.snapshot(study, params.paths.study_db)
+        while not scheduler.ledger().done(hpo.n_trials):  # trials running elsewhere
+            scheduler.close_dead_trials()
+            time.sleep(POLL_SECONDS)
+        storage.snapshot(study, params.paths.study_db)
         metrics = write_outputs(study, params, resumed, storage.redacted, runs, parent)
         parent_status = FINISHED
         return metrics
     finally:
         if not worker:
             runs.end(parent, parent_status)
+
+
+def _cross_validation(params: Params, pairs_bytes: bytes, runs: RunTree,
+                      parent: str) -> CrossValidation:
+    """The training split tokenised once for the whole study, with its folds."""
+    pairs = pd.read_csv(io.BytesIO(pairs_bytes), keep_default_na=False)
+    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    tokenizer = load_tokenizer(params.model.name)
+    start = time.perf_counter()
+    enc = encode_pairs(tokenizer, train["criterion"], train["sentence"], train["label"],
+                       params.model.max_length)
+    runs.log(parent, {"tokenize_seconds": time.perf_counter() - start,
+                      "tokenized_pairs": len(enc)},
+             params={"machine": machine_label()})
+    return CrossValidation.build(params, enc, np.asarray(train["fold"]))
 
 
 def _join(name: str, storage: StudyStorage, params: Params,

@@ -80,7 +80,7 @@ def label(device: str = "cpu") -> str:
         info = gpu()
         if info is not None:
             return f"{info['name']} (x{info['count']})" if info["count"] > 1 else info["name"]
-    return f"{cpu_model()} ({cpu_kind()}, {len(os.sched_getaffinity(0))} cores)"
+    return f"{cpu_model()} ({cpu_kind()}, {os.cpu_count()} cores)"
 
 
 def describe() -> dict[str, Any]:

@@ -7,11 +7,13 @@ Face id such as ``microsoft/deberta-v3-base`` (needs the hub or its cache).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -70,19 +72,27 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_has_bf16(index: int | None = None) -> bool:
+    """True when the GPU computes bf16 natively (compute capability 8.0 and newer: A100, H100,
+    L4, ...). ``torch.cuda.is_bf16_supported()`` also says yes for emulated bf16 (a V100 or T4),
+    which is slower than fp16 there."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def pick_device(requested: str, cpu_threads: int = 0, precision: str = "auto") -> Device:
     """The device (``auto``: CUDA when available, else CPU) and train.precision resolved on it.
 
-    ``auto`` precision: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs with
-    bf16 units (:func:`cpu_has_bf16`), fp32 elsewhere.
+    ``auto`` precision: bf16 autocast on GPUs with native bf16, fp16 with loss scaling on older
+    GPUs, bf16 on CPUs with bf16 units (:func:`cpu_has_bf16`), fp32 elsewhere.
     """
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        raise ParamsError("params.yaml: train.device is 'cuda' but no CUDA device is available "
+                          "(use auto or cpu)")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if cuda_has_bf16() else "fp16"
         return Device("cuda", _AMP[precision])
     if precision == "fp16":
         raise ParamsError("params.yaml: train.precision: fp16 needs a CUDA device (loss "
@@ -109,21 +119,33 @@ def load_tokenizer(name: str):
         ) from err
 
 
-def load_classifier(name: str, num_hidden_layers: int | None, seed: int):
-    """A 2-class sequence classifier; the new head is initialised from ``seed``.
-
-    ``num_hidden_layers`` keeps the first N transformer layers of the pretrained model.
-    """
-    path = resolve_model_path(name)
-    overrides = {"num_labels": 2}
+@functools.cache
+def _pretrained(path: str, num_hidden_layers: int | None) -> tuple[type, Any, dict]:
+    """The classifier's class and config and the checkpoint's weights, read once per process
+    (every fold of a trial starts from them; a hub id is resolved once, not once per fold)."""
+    overrides: dict[str, Any] = {"num_labels": 2}
     if num_hidden_layers is not None:
         overrides["num_hidden_layers"] = num_hidden_layers
     config = AutoConfig.from_pretrained(path, **overrides)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, output_loading_info=True)
+    fresh = set(info["missing_keys"])  # initialised by from_pretrained: the new head
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in fresh}
+    return type(model), config, weights
+
+
+def load_classifier(name: str, num_hidden_layers: int | None, seed: int):
+    """A 2-class sequence classifier with the pretrained weights; the new head is initialised
+    from ``seed``. ``num_hidden_layers`` keeps the first N transformer layers.
+
+    The checkpoint is read once per process (:func:`_pretrained`); each call builds the model
+    from the weights in memory, initialising what the checkpoint lacks as a load from disk does.
+    """
+    cls, config, weights = _pretrained(resolve_model_path(name), num_hidden_layers)
     torch.manual_seed(seed)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, attn_implementation="sdpa"
-        )
+        return cls.from_pretrained(None, config=config, state_dict=weights,
+                                   attn_implementation="sdpa")
     except (ValueError, ImportError):  # architecture without SDPA support
         torch.manual_seed(seed)
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        return cls.from_pretrained(None, config=config, state_dict=weights)

@@ -1,17 +1,21 @@
-"""Where the Optuna study lives, and how a dead worker's trial is noticed and retried.
+"""Where the Optuna study lives, and how a dead worker's trial is noticed.
 
-* ``hpo.storage: null``: the SQLite file ``paths.study_db`` (the DVC output itself).
+* ``hpo.storage: null``: the SQLite file ``paths.study_store`` at the workspace root (git-ignored,
+  shared by every experiment of the workspace, queued ones included, like MLflow's store). It is
+  not a DVC output, so ``dvc exp run`` never restores it: a killed experiment run again with the
+  same command keeps every trial that had finished.
 * ``postgresql://user@host/db`` (any SQLAlchemy URL): one study shared by workers on many machines.
 * ``journal:<path>``: an Optuna journal file, for several worker processes on one machine.
 
 ``HPO_STORAGE`` in the environment overrides ``hpo.storage``; it is where a URL with a password
-belongs (params.yaml is committed, so the params loader refuses one there). With any storage other
-than the default file, the stage writes a snapshot of the study to ``paths.study_db`` for DVC.
+belongs (params.yaml is committed, so the params loader refuses one there). The stage writes a
+snapshot of the study to ``paths.study_db``, the DVC output; a store that lacks the study (a fresh
+clone, a queued experiment's copy) starts from that snapshot, so a committed study is extended.
 
 A worker that dies leaves its trial RUNNING. Database storages record a heartbeat per running
-trial; once it is older than ``hpo.grace_period`` the trial is failed and retried (Optuna's
-``RetryHeartbeatStaleTrialCallback``, up to ``hpo.max_retries`` times). For the local file
-storages (SQLite, journal) a dead worker on this host is also recognised at once by its pid.
+trial; once it is older than ``hpo.grace_period`` Optuna fails it. For the local file storages
+(SQLite, journal) a dead worker on this host is also recognised at once by its pid. Either way
+the trial's index is open again and runs again (pipeline/study.py).
 """
 
 from __future__ import annotations
@@ -20,39 +24,41 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import optuna
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
+from pipeline.common import workspace_root
 from pipeline.params import Params
 
 ENV = "HPO_STORAGE"
-# Heartbeats and the stale-trial retry are marked experimental in Optuna; we rely on them
-# knowingly (and pin the version in constraints.txt).
+# Heartbeats are marked experimental in Optuna; we rely on them knowingly (and pin the version in
+# constraints.txt).
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
                         module=r"optuna\..*|pipeline\.storage")
 JOURNAL = "journal:"
 
 
 def storage_url(params: Params) -> str:
-    """``HPO_STORAGE``, else ``hpo.storage``, else the SQLite file (absolute, folder created)."""
+    """``HPO_STORAGE``, else ``hpo.storage``, else the workspace's SQLite store (absolute)."""
     url = os.environ.get(ENV) or params.hpo.storage
     if url:
         return url
-    path = Path(params.paths.study_db).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return f"sqlite:///{workspace_root() / params.paths.study_store}"
 
 
 def redact(url: str) -> str:
     """The URL without its password, for files that go into git and MLflow."""
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
+    if url.startswith(JOURNAL):
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def worker_identity() -> dict[str, object]:
@@ -76,8 +82,6 @@ class StudyStorage:
     def __init__(self, params: Params) -> None:
         self.url = storage_url(params)
         self.params = params
-        # Queues a copy of a dead worker's trial (same hyperparameters) as WAITING.
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=params.hpo.max_retries)
         self.optuna = self._open()
 
     def _open(self) -> BaseStorage:
@@ -88,10 +92,11 @@ class StudyStorage:
         hpo = self.params.hpo
         # SQLite: wait for the lock instead of failing while another process writes.
         engine_kwargs = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else {}
+        if self.url.startswith("sqlite:///"):
+            Path(self.url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         return RDBStorage(self.url, engine_kwargs=engine_kwargs,
                           heartbeat_interval=hpo.heartbeat_interval,
-                          grace_period=hpo.grace_period,
-                          heartbeat_stale_trial_callback=self.retry)
+                          grace_period=hpo.grace_period)
 
     @property
     def redacted(self) -> str:
@@ -103,7 +108,7 @@ class StudyStorage:
         return self.url.startswith(("sqlite:", JOURNAL))
 
     def fail_dead_trials(self, study: optuna.Study) -> list[FrozenTrial]:
-        """Fail and retry RUNNING trials whose worker is gone; return them, now FAIL.
+        """Fail RUNNING trials whose worker is gone; return them, now FAIL.
 
         The caller closes what else the dead trials left open (their MLflow runs).
 
@@ -127,20 +132,30 @@ class StudyStorage:
                     self.optuna.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # another process got there first
-                self.retry(study, self.optuna.get_trial(t._trial_id))
         optuna.storages.fail_stale_trials(study)  # heartbeat; its trials get no fail_reason
         still = {t.number for t in study.get_trials(deepcopy=False,
                                                     states=(TrialState.RUNNING,))}
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                 if t.number in running - still]
 
-    def snapshot_needed(self) -> bool:
-        """True when the study does not live in paths.study_db itself."""
-        return self.url != f"sqlite:///{Path(self.params.paths.study_db).resolve()}"
+    def seed(self, name: str, snapshot: str | Path) -> bool:
+        """Copy study ``name`` from a snapshot file (paths.study_db, as DVC checked it out) into
+        this storage when the storage lacks it; True if it did."""
+        snapshot = Path(snapshot)
+        if not snapshot.is_file() or name in optuna.get_all_study_names(self.optuna):
+            return False
+        source = f"sqlite:///{snapshot.resolve()}"
+        if name not in optuna.get_all_study_names(source):
+            return False
+        optuna.copy_study(from_study_name=name, from_storage=source, to_storage=self.optuna)
+        return True
 
     def snapshot(self, study: optuna.Study, path: str | Path) -> None:
-        """Copy the study into a fresh SQLite file (the DVC output when it lives elsewhere)."""
+        """Copy the study into a fresh SQLite file (the DVC output); nothing to do when the
+        study lives in that very file (``HPO_STORAGE`` pointed there)."""
         path = Path(path)
+        if self.url == f"sqlite:///{path.resolve()}":
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.unlink(missing_ok=True)

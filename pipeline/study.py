@@ -1,32 +1,54 @@
-"""The study's identity: what defines it, its name, its sampler and pruner, and its warm start.
+"""The study's identity and its schedule: what defines it, what each trial may see of it.
 
 The study's name is a fingerprint of everything that defines the objective (data and folds,
-search space, model, training settings, metric, aggregation, sampler, pruner, seed), so changing
-any of them starts a new study, while raising ``hpo.n_trials`` extends the same one. How many
-trials run at once (``hpo.n_jobs``, ``hpo.devices``) and where the study is stored are not part of
-it: they change how fast the study fills, not what it holds.
+search space, model, training settings, metric, aggregation, sampler, pruner, seed and
+``hpo.parallelism``), so changing any of them starts a new study, while raising ``hpo.n_trials``
+extends the same one. How many processes run trials (``hpo.n_jobs``, ``hpo.devices``, extra
+``--worker`` processes) and where the study is stored are not part of it.
+
+**The schedule.** Every trial has an *index* k = 0, 1, 2, ... (user attribute ``index``; in a
+study where no attempt died it equals the Optuna trial number). Trial k is suggested from, and
+pruned against, a frozen view of the study that k alone fixes: the trials with index up to
+k - ``hpo.parallelism`` in their final state, and those in between as RUNNING (the constant liar
+sees their hyperparameters). It may start once the trials up to k - parallelism have ended. The
+sampler is seeded by k. So every trial's hyperparameters, fold scores and state are the same
+whatever the number of processes (up to ``parallelism``), their timing, or a kill and resume.
+
+A trial attempt that died (its process or worker was killed) leaves its index open: the index is
+run again, with the same hyperparameters and seeds, up to ``hpo.max_retries`` times. A trial that
+raised fails for good (user attribute ``error``) and the study takes one more index. Two processes
+that claimed the same index at once: the later attempt (higher Optuna number) is marked
+``duplicate`` and does nothing.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
-import socket
-import time
 import warnings
-from dataclasses import asdict
+from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.common import derive_seed
 from pipeline.errors import StageError
-from pipeline.params import Params, YamlLoader
+from pipeline.params import Hyperparameters, Params, SearchParam, YamlLoader
 from pipeline.storage import StudyStorage
-from pipeline.study_outputs import primary
+
+INDEX = "index"  # user attribute: the trial's index in the schedule
+ERROR = "error"  # user attribute of a trial that failed for good (it raised)
+DUPLICATE = "duplicate"  # user attribute of an attempt that lost a race for its index
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# The sampler's warning about the constant liar's experimental `group`; chosen knowingly.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
+                        module=r"optuna\..*|pipeline\.study")
 
 
 def study_definition(params: Params, pairs_digest: str,
@@ -48,6 +70,7 @@ def study_definition(params: Params, pairs_digest: str,
         "sampler": asdict(params.hpo.sampler),
         "pruner": _pruner_definition(params),
         "search_space": {name: asdict(p) for name, p in params.hpo.search_space.items()},
+        "parallelism": params.hpo.parallelism,
     }
 
 
@@ -67,48 +90,173 @@ def study_name(prefix: str, definition: dict[str, Any]) -> str:
     return f"{prefix}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-def make_sampler(params: Params, finished: int, worker: bool) -> optuna.samplers.BaseSampler:
-    """TPE (or random) with every setting we rely on written out (Optuna 5 changed defaults).
-
-    The stage makes a fresh sampler for every wave of trials, seeded by ``seed`` and the number of
-    trials the study had finished when the wave began: the same study history gives the same
-    suggestions, however the earlier waves were timed or interrupted, and a resumed study does not
-    replay the first run's startup points. An extra ``--worker`` also mixes in its host, pid and
-    clock (workers are asynchronous anyway, see the README's "Parallel trials").
-    """
+def make_sampler(params: Params, index: int) -> optuna.samplers.BaseSampler:
+    """The sampler that suggests trial ``index``: TPE (or random) seeded by the study seed and
+    the index, with every setting we rely on written out (Optuna 5 changed defaults)."""
     s = params.hpo.sampler
-    keys = ("sampler", finished, socket.gethostname(), time.time_ns()) if worker else \
-        ("sampler", finished)
-    seed = derive_seed(params.seed, *keys)
+    seed = derive_seed(params.seed, "sampler", index)
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    # `group` is marked experimental; we choose it knowingly (focal_* exist only for focal loss).
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna.samplers.TPESampler(
         n_startup_trials=s.n_startup_trials,
         n_ei_candidates=24,
         multivariate=s.multivariate,
-        group=s.group,
+        group=s.group,  # experimental in Optuna; focal_* exist only for focal loss
         constant_liar=s.constant_liar,
         seed=seed,
     )
 
 
 def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    """The median or percentile pruner (or none). One report per fold (step = fold index) or per
+    epoch (step = fold x the space's most epochs + epoch), so interval 1 and the warmup counted
+    in folds or epochs. Both compare with COMPLETE trials only, which the schedule fixes;
+    successive halving and Hyperband read RUNNING trials too, which is why they are not offered.
+    """
     p = params.hpo.pruner
     if p.name == "none":
         return optuna.pruners.NopPruner()
-    # One report per fold (step = fold index) or per epoch (step = fold x the space's most
-    # epochs + epoch, hpo.pruner.report), so interval 1 and the warmup counted in folds or
-    # epochs. Both pruners compare with COMPLETE trials only, which the stage tells at the end
-    # of a wave: a decision never depends on how the trials of a wave are timed (successive
-    # halving and Hyperband read RUNNING trials' values, which is why they are not offered).
     if p.name == "percentile":  # median = percentile 50; a lower percentile prunes more
         return optuna.pruners.PercentilePruner(
             p.percentile, n_startup_trials=p.n_startup_trials,
             n_warmup_steps=p.n_warmup_steps, interval_steps=1)
     return optuna.pruners.MedianPruner(
         n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps, interval_steps=1)
+
+
+def suggest(trial: optuna.Trial, space: dict[str, SearchParam]) -> Hyperparameters:
+    """The one place the search space becomes Optuna calls (conditional entries via ``when``)."""
+    values: dict[str, Any] = {}
+    for name, p in space.items():
+        if any(values.get(other) != wanted for other, wanted in p.when.items()):
+            continue
+        if p.type == "fixed":
+            values[name] = p.value
+        elif p.type == "float":
+            values[name] = trial.suggest_float(name, p.low, p.high, log=p.log)
+        elif p.type == "int":
+            values[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
+        else:
+            values[name] = trial.suggest_categorical(name, list(p.choices))
+    return Hyperparameters(**values)
+
+
+# A fixed timestamp for the frozen copies in a view: nothing in a view may depend on when or
+# where a trial ran.
+_EPOCH = datetime.datetime(2000, 1, 1)
+
+
+def _copy(t: FrozenTrial, state: TrialState) -> FrozenTrial:
+    """What a view keeps of a trial: state, values, hyperparameters, intermediate values."""
+    finished = state in FINISHED_STATES
+    return FrozenTrial(
+        number=-1, trial_id=-1, state=state, value=None,
+        values=t.values if state == TrialState.COMPLETE else None,
+        datetime_start=_EPOCH, datetime_complete=_EPOCH if finished else None,
+        params=t.params, distributions=t.distributions, user_attrs={}, system_attrs={},
+        intermediate_values=dict(t.intermediate_values) if finished else {})
+
+
+@dataclass
+class Ledger:
+    """The study as a sequence of trial indices: each index's attempts and where it stands."""
+
+    attempts: dict[int, list[FrozenTrial]]
+    max_retries: int
+
+    @classmethod
+    def of(cls, study: optuna.Study, max_retries: int) -> Ledger:
+        attempts: dict[int, list[FrozenTrial]] = defaultdict(list)
+        for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+            if isinstance(t.user_attrs.get(INDEX), int) and not t.user_attrs.get(DUPLICATE):
+                attempts[t.user_attrs[INDEX]].append(t)
+        return cls(dict(attempts), max_retries)
+
+    def final(self, k: int) -> FrozenTrial | None:
+        """The latest attempt at index ``k`` (None: never started)."""
+        found = self.attempts.get(k)
+        return found[-1] if found else None
+
+    def died(self, k: int) -> int:
+        """Attempts at ``k`` that ended without a result (killed, stale, interrupted)."""
+        return sum(t.state == TrialState.FAIL and ERROR not in t.user_attrs
+                   for t in self.attempts.get(k, []))
+
+    def status(self, k: int) -> str:
+        """open (to run), running, complete, pruned or failed (for good)."""
+        t = self.final(k)
+        if t is None:
+            return "open"
+        if t.state == TrialState.RUNNING:
+            return "running"
+        if t.state in FINISHED_STATES:
+            return t.state.name.lower()
+        if ERROR in t.user_attrs or self.died(k) > self.max_retries:
+            return "failed"
+        return "open"
+
+    def ended(self, k: int) -> bool:
+        return self.status(k) in ("complete", "pruned", "failed")
+
+    def considered(self, n_trials: int) -> list[int]:
+        """The indices that make a study of ``n_trials`` finished trials: from 0 up to the
+        n_trials-th complete or pruned one (failed ones in between included)."""
+        out, finished, k = [], 0, 0
+        while finished < n_trials and k in self.attempts:
+            out.append(k)
+            finished += self.status(k) in ("complete", "pruned")
+            k += 1
+        return out
+
+    def finished(self, n_trials: int) -> int:
+        return sum(self.status(k) in ("complete", "pruned") for k in self.considered(n_trials))
+
+    def done(self, n_trials: int) -> bool:
+        """True when the first n_trials finished trials exist and nothing before them runs."""
+        return self.finished(n_trials) >= n_trials and all(
+            self.ended(k) for k in self.considered(n_trials))
+
+    def next_index(self, n_trials: int, parallelism: int) -> int | None:
+        """The lowest open index, if the study still needs it and it may start now (every index
+        up to it - parallelism has ended); None otherwise."""
+        held, k = 0, 0
+        while True:
+            status = self.status(k)
+            if status == "open":
+                if held >= n_trials:
+                    return None
+                ready = all(self.ended(j) for j in range(k - parallelism + 1))
+                return k if ready else None
+            held += status in ("running", "complete", "pruned")
+            k += 1
+
+    def view(self, k: int, parallelism: int) -> list[FrozenTrial]:
+        """What trial ``k`` may know: the finished trials up to k - parallelism, then the trials
+        up to k - 1 as RUNNING (failed ones left out, as Optuna's samplers ignore them)."""
+        trials = []
+        for j in range(k):
+            t = self.final(j)
+            if j <= k - parallelism:
+                if self.status(j) in ("complete", "pruned"):
+                    trials.append(_copy(t, t.state))
+            elif t is not None:
+                trials.append(_copy(t, TrialState.RUNNING))
+        return trials
+
+
+def suggest_from_view(params: Params, index: int, view: list[FrozenTrial],
+                      directions: list, point: dict[str, Any] | None = None,
+                      ) -> tuple[Hyperparameters, dict, dict]:
+    """Trial ``index``'s hyperparameters, suggested in an in-memory study holding ``view``
+    (``point``: a warm-start point to take its values from). Returns the hyperparameters and
+    the Optuna params and distributions to record."""
+    study = optuna.create_study(directions=directions, sampler=make_sampler(params, index))
+    study.add_trials(view)
+    if point:
+        study.enqueue_trial(point)
+    trial = study.ask()
+    hp = suggest(trial, params.hpo.search_space)
+    return hp, trial.params, trial.distributions
 
 
 def _in_space(params: Params, point: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +277,13 @@ def _in_space(params: Params, point: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def primary(t: FrozenTrial) -> float | None:
+    """The trial's hpo.metric aggregate (the first value of a multi-objective trial)."""
+    return t.values[0] if t.values else None
+
+
 def warm_start_points(params: Params, storage: StudyStorage) -> list[dict[str, Any]]:
-    """hpo.warm_start resolved to the points to enqueue first (only valid values are kept)."""
+    """hpo.warm_start resolved to the points the first trials take (only valid values kept)."""
     spec = params.hpo.warm_start
     if not spec:
         return []

@@ -1,14 +1,17 @@
 """What the hpo stage writes about its study: tables, summary, importances, plots, metrics.
 
-Everything describes the first ``hpo.n_trials`` finished trials (failed trials in between are
-listed, surplus ones are not), so the outputs depend on params alone: going back from 10 to 5
-trials reports what the 5-trial run reported. No absolute paths, run ids, pids, durations or
+Everything describes the first ``hpo.n_trials`` finished trials by index (pipeline/study.py),
+each by its final attempt (failed trials in between are listed; attempts that died and ran again
+are not), and a trial's ``number`` here is its index. So the outputs depend on params alone:
+going back from 10 to 5 trials reports what the 5-trial run reported, and a study killed and
+resumed writes what the uninterrupted one wrote. No absolute paths, run ids, pids, durations or
 counts of this run go into the files (they are in the study and in MLflow), and the plotly plots
 get fixed element ids, so a rerun on the same study writes the same bytes.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -21,42 +24,34 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.common import (
-    StageError,
     atomic_dir,
     derive_seed,
     round_floats,
     write_json,
     write_text,
 )
+from pipeline.errors import StageError
 from pipeline.params import HYPERPARAMETERS, METRICS, Params
 from pipeline.storage import JOURNAL
+from pipeline.study import FINISHED_STATES, Ledger, primary
 from pipeline.tracking import RunTree
 
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FOLD_COLUMNS = ["trial", "fold", "state", "seed", "epochs_run", "best_epoch", "padding_fraction",
                 *METRICS]
 OPTUNA_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice",
                 "intermediate_values")
 
 
-def primary(t: FrozenTrial) -> float | None:
-    """The trial's hpo.metric aggregate (the first value of a multi-objective trial)."""
-    return t.values[0] if t.values else None
-
-
-def considered_trials(study: optuna.Study, n_trials: int) -> list[FrozenTrial]:
-    """All trials up to and including the n_trials-th finished one (failed ones included)."""
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    kept, finished = [], 0
-    for t in trials:
-        if finished >= n_trials:
-            break
-        if t.user_attrs.get("surplus"):
-            continue
-        if t.state in FINISHED_STATES or t.state == TrialState.FAIL:
-            kept.append(t)
-            finished += t.state in FINISHED_STATES
-    return kept
+def considered_trials(study: optuna.Study, params: Params) -> list[FrozenTrial]:
+    """The final attempt of every index up to the n_trials-th finished trial (failed ones
+    included), each renumbered to its index."""
+    ledger = Ledger.of(study, params.hpo.max_retries)
+    trials = []
+    for k in ledger.considered(params.hpo.n_trials):
+        t = copy.copy(ledger.final(k))
+        t.number = k
+        trials.append(t)
+    return trials
 
 
 def fold_rows(trials: list[FrozenTrial], n_folds: int) -> list[dict[str, Any]]:
@@ -73,15 +68,9 @@ def fold_rows(trials: list[FrozenTrial], n_folds: int) -> list[dict[str, Any]]:
 def trial_rows(trials: list[FrozenTrial], params: Params) -> list[dict[str, Any]]:
     """One row per trial: state, objective, fold mean/std, tuned threshold, hyperparameters."""
     metric, n_folds = params.hpo.metric, params.prepare.n_folds
-    retried_as = {t.system_attrs["failed_trial"]: t.number for t in trials
-                  if "failed_trial" in t.system_attrs}
     rows = []
     for t in trials:
         reason = t.user_attrs.get("fail_reason")
-        if t.state == TrialState.FAIL and not reason and t.number in retried_as:
-            reason = "worker died (stale heartbeat)"
-        if t.number in retried_as:
-            reason = f"{reason}; retried as trial {retried_as[t.number]}"
         folds = [t.user_attrs[f"fold{k}"][metric] for k in range(n_folds)
                  if t.user_attrs.get(f"fold{k}") is not None]
         hps = t.user_attrs.get("hyperparameters") or {}
@@ -223,6 +212,12 @@ def _optuna_html(study: optuna.Study, trials: list[FrozenTrial], params: Params,
     return written
 
 
+def _ran_on(trials: list[FrozenTrial], key: str) -> str:
+    """The distinct values of a trial attribute (precision, machine), joined by " + "."""
+    return " + ".join(sorted({str(t.user_attrs[key]) for t in trials
+                              if t.user_attrs.get(key)})) or "unknown"
+
+
 def portable_storage(url: str) -> str:
     """The storage URL as it goes into a DVC output: a file inside the workspace relative to it
     (an absolute path differs between clones and DVC's experiment copies)."""
@@ -238,7 +233,7 @@ def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: st
                   runs: RunTree, parent: str) -> dict[str, Any]:
     """Trials, fold metrics, summary, importances, plots and metrics; return the metrics."""
     paths, hpo, n_folds = params.paths, params.hpo, params.prepare.n_folds
-    trials = considered_trials(study, hpo.n_trials)
+    trials = considered_trials(study, params)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         raise StageError(f"hpo: none of the {len(trials)} trials completed (all pruned or failed)")
@@ -267,6 +262,9 @@ def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: st
                           if r["state"] in ("COMPLETE", "PRUNED")),
         "epochs_possible": sum(n_folds * t.user_attrs["hyperparameters"]["num_train_epochs"]
                                for t in trials if t.state in FINISHED_STATES),
+        # what the trials ran on: the same code gives other numbers on other hardware
+        "precision": _ran_on(trials, "precision"),
+        "machine": _ran_on(trials, "machine"),
     })
     importance = round_floats(importances(trials, params))
     summary = {
@@ -305,7 +303,7 @@ def write_outputs(study: optuna.Study, params: Params, resumed: int, storage: st
     # facts about this run rather than the study: in MLflow, not in the DVC outputs
     runs.log(parent, {"trials_in_storage": len(study.trials),
                       "trials_reused": min(resumed, hpo.n_trials),
-                      **{k: v for k, v in metrics.items() if v is not None},
+                      **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                       **{f"importance_{k}": v for k, v in importance["importances"].items()}})
     for path in (paths.trials, paths.fold_metrics, paths.study_summary, paths.importance,
                  paths.pareto):

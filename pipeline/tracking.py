@@ -32,24 +32,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from pipeline.common import workspace_root
+
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 # Optuna trial state -> MLflow run status.
 STATUS_OF_STATE = {"COMPLETE": FINISHED, "PRUNED": KILLED, "FAIL": FAILED}
-
-
-def workspace_root() -> Path:
-    """The DVC repository root, also from inside a queued experiment's temporary copy."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    cwd = Path.cwd().resolve()
-    parts = cwd.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    for directory in (cwd, *cwd.parents):
-        if (directory / ".dvc").is_dir():
-            return directory
-    return cwd
 
 
 def run_identity() -> dict[str, str]:
@@ -119,15 +106,21 @@ class RunTree:
         return self.client.create_run(self.experiment_id, run_name=name, tags={
             **self.identity, **{k: str(v) for k, v in tags.items()}}).info.run_id
 
-    def child(self, parent: str, name: str, tags: dict[str, Any]) -> str:
+    def child(self, parent: str, name: str, tags: dict[str, Any],
+              start_time: float | None = None) -> str:
+        """A run nested under ``parent`` (``start_time``: time.time() when it began, if not
+        now: a fold recorded after its trial ended)."""
         tags = {"mlflow.parentRunId": parent, **self.identity,
                 **{k: str(v) for k, v in tags.items()}}
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        start = None if start_time is None else int(start_time * 1000)
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags,
+                                      start_time=start).info.run_id
 
     def log(self, run_id: str, metrics: dict[str, float] | None = None,
             params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
-            step: int | None = None) -> None:
-        now = _now_ms()
+            step: int | None = None, at: float | None = None) -> None:
+        """Metrics (at ``step``, timestamped ``at`` = time.time(), default now), params, tags."""
+        now = _now_ms() if at is None else int(at * 1000)
         self.client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), now, step or 0) for k, v in (metrics or {}).items()],
@@ -146,8 +139,8 @@ class RunTree:
                               "and attributes.status = 'RUNNING'"):
             self.end(run.info.run_id, status)
 
-    def end(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status)
+    def end(self, run_id: str, status: str, at: float | None = None) -> None:
+        self.client.set_terminated(run_id, status, None if at is None else int(at * 1000))
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
@@ -214,7 +207,7 @@ def study_link(runs: RunTree, summary_path: str | Path, trial: int | None) -> di
     if trial is not None:
         tags["chosen_trial"] = str(trial)
         for r in study_runs:
-            if (r.data.tags.get("optuna.trial_number") == str(trial)
+            if (r.data.tags.get("trial_index") == str(trial)
                     and r.data.tags.get("mlflow.parentRunId") == tags.get("study_run_id")):
                 tags["chosen_trial_run_id"] = r.info.run_id
                 break

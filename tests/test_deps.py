@@ -61,7 +61,7 @@ def test_the_closure_follows_every_import_form():
     # the real graph: common.py reaches only the errors leaf; params.py through it as well
     assert import_closure("common") == {"pipeline/common.py", "pipeline/errors.py"}
     assert "pipeline/errors.py" in import_closure("params")
-    assert "pipeline/faults.py" in import_closure("objective")  # `from pipeline import faults`
+    assert "pipeline/faults.py" in import_closure("trial")  # `from pipeline import faults, ...`
 
 
 @pytest.mark.parametrize("stage", sorted(_stages()))

@@ -98,7 +98,7 @@ def _params_after_one_step(model_params, enc, micro):
     train = dataclasses.replace(TRAIN, max_device_batch_size=micro)
     hp = dataclasses.replace(HP, per_device_train_batch_size=32)
     result = fine_tune(model_params, train, hp, enc, np.arange(32), seed=3,
-                       device=pick_device("cpu"), keep_model=True)
+                       device=pick_device("cpu", precision="fp32"), keep_model=True)
     return torch.cat([p.detach().flatten() for p in result.model.parameters()])
 
 
