@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_OPTS ?=
 
-.PHONY: help install data repro test test-fast lint bench report quick full predict clean
+.PHONY: help install data repro test test-fast lint bench report quick full predict docs clean
 
 help:
 	@echo "make repro   build .venv if needed, write sample data if data/ is absent, dvc repro"
@@ -21,6 +21,8 @@ help:
 	@echo "             recipe curves (hours)"
 	@echo "make report  Markdown report for a pull request: this workspace vs BASE (main)"
 	@echo "make predict  POSTS=posts.csv OUT=evidence.csv [MODEL=models:/NAME/V]: evidence sentences"
+	@echo "make docs    rewrite the figure tables of README.md and docs/ from bench/results/ and"
+	@echo "             metrics/ (tools/docs.py; the site: .venv/bin/mkdocs serve)"
 	@echo "make lint    ruff"
 
 install: $(VENV)/.installed
@@ -96,6 +98,11 @@ POSTS ?= data/redsm5_posts.csv
 OUT ?= evidence.csv
 predict: install
 	$(BIN)/python -m pipeline.predict --posts $(POSTS) --out $(OUT) $(if $(MODEL),--model $(MODEL))
+
+# The figure tables of README.md and docs/*.md, written from bench/results/*.json and
+# metrics/*.json (tests/test_docs.py fails while a committed page differs from what this writes).
+docs: install
+	$(BIN)/python tools/docs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

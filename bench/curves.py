@@ -192,7 +192,11 @@ def record_machine(digest: str, trials: range, seconds: float, table: pd.DataFra
     from pipeline.machine import command, describe
 
     old = json.loads(path.read_text()) if path.is_file() else {}
-    chunks = old.get("chunks", []) if old.get("setup") == digest else []
+    chunks = []
+    if old.get("setup") == digest:  # rows of earlier chunks are kept, and so is where they ran
+        chunks = old.get("chunks") or [{"trials": "earlier chunks",
+                                        "machine": old["machine"].get("label"),
+                                        "command": old.get("command")}]
     machine = describe()
     chunks.append({"trials": f"{trials.start}-{trials.stop - 1}", "machine": machine["label"],
                    "command": command(), "seconds": round(seconds, 1)})

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from pipeline.engine import Hyperparameters, encode_pairs, fine_tune, predict
+from pipeline.machine import command, describe
 from pipeline.model import load_tokenizer, pick_device
 from pipeline.params import ModelParams, TrainParams
 
@@ -106,6 +107,7 @@ def main() -> None:
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "non_embedding_parameters": n_params, "compile": args.compile,
         "amp_dtype": str(device.amp_dtype), "torch": torch.__version__,
+        "machine": describe(), "command": command(),
     }
     print(json.dumps(report, indent=2))
 

@@ -37,6 +37,7 @@ from pipeline.engine import (
     make_optimizer,
     shrink_embeddings,
 )
+from pipeline.machine import command, describe
 from pipeline.model import Device, load_classifier, load_tokenizer
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -136,7 +137,8 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "seconds_per_cell": args.seconds, "precision": "bf16 autocast", "runs": {}}
+              "seconds_per_cell": args.seconds, "precision": "bf16 autocast",
+              "machine": describe(), "command": command(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_model_dir(Path(tmp), args.tokenizer))
         for mps in (False, True):

@@ -253,6 +253,7 @@ def replay(table: Table, policy: Policy, order: np.ndarray, seed: int) -> dict:
 
 def main() -> None:
     from pipeline.common import write_json
+    from pipeline.machine import command, describe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=50, help="random trial orders (>= 20)")
@@ -315,6 +316,9 @@ def main() -> None:
                   "early_stopping_patience": args.patience, "pruner_warmup_steps": args.warmup,
                   "curves": str(args.curves.name)},
         "seconds": time.perf_counter() - start,
+        # the replay's own machine; the seconds it replays are curves.csv's (curves.json)
+        "machine": describe(),
+        "command": command(),
     }
     write_json(args.out, out)
     print(f"\nfold noise {fold_noise:.4f}; table best {best:.4f} (median trial "

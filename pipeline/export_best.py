@@ -24,11 +24,11 @@ Ties go to the earlier trial.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any
 
 import yaml
+from scipy import stats
 
 from pipeline.common import run_stage, write_text
 from pipeline.errors import StageError
@@ -73,11 +73,8 @@ def fold_scores(folds: list[dict[str, str]], metric: str) -> dict[int, list[floa
 
 
 def _se(scores: list[float]) -> float:
-    n = len(scores)
-    if n < 2:
-        return 0.0
-    mean = sum(scores) / n
-    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
+    """The standard error of the fold mean (sample std / sqrt(folds)); 0 for a single fold."""
+    return float(stats.sem(scores)) if len(scores) > 1 else 0.0
 
 
 def choose(trials: list[dict[str, str]], pareto: list[dict[str, str]],

@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-import pandas as pd
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
@@ -52,6 +51,7 @@ from pipeline import faults, placement
 from pipeline.common import run_stage
 from pipeline.engine import ENCODE_STATS, encode_pairs
 from pipeline.errors import StageError
+from pipeline.inputs import read_split
 from pipeline.machine import label as machine_label
 from pipeline.model import load_tokenizer
 from pipeline.params import Hyperparameters, Params, load_params
@@ -199,7 +199,7 @@ class Scheduler:
         seen = tuple((t.values[0], dict(t.intermediate_values))
                      for t in ledger.view(r.index, self.params.hpo.parallelism)
                      if t.state == TrialState.COMPLETE)
-        task = TrialTask(r.index, r.hp, seen, self.fault_spec)
+        task = TrialTask(r.index, r.hp, seen, r.slot.threads, self.fault_spec)
         if context is None:
             r.slot.enter()
             r.result = run_trial(cv, task)
@@ -332,8 +332,9 @@ def plan(params: Params, study: optuna.Study, cv: CrossValidation,
         n_jobs = placement.cpu_jobs(hpo.parallelism, train.cpu_threads, trial_mb)
     slots = placement.plan_slots(n_jobs, hpo.parallelism, hpo.devices, train.device,
                                  train.cpu_threads, trial_mb, gpu_mb)
-    runs.log(parent, params={"n_jobs": n_jobs, **info},
-             tags={"slots": "; ".join(s.describe() for s in slots)})
+    # tags, not params: a resumed study may run at another n_jobs
+    runs.log(parent, tags={"n_jobs": n_jobs, **info,
+                           "slots": "; ".join(s.describe() for s in slots)})
     return slots
 
 
@@ -429,15 +430,14 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
 def _cross_validation(params: Params, pairs_bytes: bytes, runs: RunTree,
                       parent: str) -> CrossValidation:
     """The training split tokenised once for the whole study, with its folds."""
-    pairs = pd.read_csv(io.BytesIO(pairs_bytes), keep_default_na=False)
-    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    train = read_split(io.BytesIO(pairs_bytes), "train")
     tokenizer = load_tokenizer(params.model.name)
     start = time.perf_counter()
     enc = encode_pairs(tokenizer, train["criterion"], train["sentence"], train["label"],
                        params.model.max_length)
     runs.log(parent, {"tokenize_seconds": time.perf_counter() - start,
                       "tokenized_pairs": len(enc)},
-             params={"machine": machine_label()})
+             tags={"machine": machine_label()})
     return CrossValidation.build(params, enc, np.asarray(train["fold"]))
 
 

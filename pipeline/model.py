@@ -141,7 +141,9 @@ def load_classifier(name: str, num_hidden_layers: int | None, seed: int):
     The checkpoint is read once per process (:func:`_pretrained`); each call builds the model
     from the weights in memory, initialising what the checkpoint lacks as a load from disk does.
     """
-    cls, config, weights = _pretrained(resolve_model_path(name), num_hidden_layers)
+    cls, config, cached = _pretrained(resolve_model_path(name), num_hidden_layers)
+    # a copy: the model takes the tensors as its parameters, and training changes them in place
+    weights = {k: v.clone() for k, v in cached.items()}
     torch.manual_seed(seed)
     try:
         return cls.from_pretrained(None, config=config, state_dict=weights,

@@ -4,10 +4,13 @@ A :class:`Slot` is one trial process's place: a set of CPU cores of its own (par
 share cores: two 2-thread jobs on 2 cores made a training step 30x slower), or a CUDA device,
 which several slots may share (at once under MPS, time-sliced without it).
 
-On a CPU every slot has the same number of cores, the machine's cores divided by
+On a CPU every trial gets the same number of threads, the machine's cores divided by
 ``hpo.parallelism`` (or ``train.cpu_threads``), whatever ``hpo.n_jobs`` is: a trial's arithmetic
 (the order of its sums) follows its thread count, so a trial computes the same numbers at every
-n_jobs. With fewer jobs than ``parallelism`` the remaining cores stay idle.
+n_jobs. With fewer jobs than ``parallelism`` the remaining cores stay idle. Several slots of one
+process are pinned to disjoint cores; a single slot is not pinned, so that two processes on one
+machine (the stage and a ``--worker``) do not share a core. On CUDA the cores are split among
+the slots for their host-side work.
 
 ``hpo.n_jobs`` is a number or ``auto``, and never more than ``hpo.parallelism`` (more could not
 run at once):
@@ -48,6 +51,7 @@ class Slot:
     index: int
     cpus: tuple[int, ...] | None = None
     cuda: int | None = None
+    threads: int = 0  # torch's intra-op threads in the trial (0: one per core it may use)
 
     def enter(self) -> None:
         """In the trial's process, before torch starts threads or touches CUDA."""
@@ -166,7 +170,8 @@ def plan_slots(n_jobs: int, parallelism: int, devices: str | list[int], train_de
         import torch
 
         gpus = cuda_devices(devices)
-        slots = [Slot(i, cuda=gpus[i % len(gpus)]) for i in range(n_jobs)]
+        threads = max(1, len(os.sched_getaffinity(0)) // n_jobs)
+        slots = [Slot(i, cuda=gpus[i % len(gpus)], threads=threads) for i in range(n_jobs)]
         if trial_gpu_mb is not None:
             for gpu in set(gpus):
                 share = sum(s.cuda == gpu for s in slots)
@@ -194,4 +199,7 @@ def plan_slots(n_jobs: int, parallelism: int, devices: str | list[int], train_de
             f"params.yaml: hpo.n_jobs: {n_jobs} trials at once need about "
             f"{n_jobs * trial_mb:,.0f} MB of memory ({trial_mb:,.0f} MB each), "
             f"{available:,.0f} MB are available; lower hpo.n_jobs")
-    return [Slot(i, cpus=tuple(cores[i * size:(i + 1) * size])) for i in range(n_jobs)]
+    if n_jobs == 1:
+        return [Slot(0, threads=size)]
+    return [Slot(i, cpus=tuple(cores[i * size:(i + 1) * size]), threads=size)
+            for i in range(n_jobs)]

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from pipeline.common import run_stage, write_text
 from pipeline.data import read_criteria, read_posts
 from pipeline.engine import encode_pairs, predict
-from pipeline.errors import StageError
+from pipeline.errors import DataError, StageError
+from pipeline.inputs import read_best_params
 from pipeline.model import pick_device
-from pipeline.params import THRESHOLD, Params, load_params
+from pipeline.params import Params, load_params
 from pipeline.prepare import build_sentences
 from pipeline.progress import progress
 
@@ -121,15 +121,12 @@ def load_directory(path: str | Path, params: Params,
     if not (path / "config.json").is_file():
         raise StageError(f"--model {path}: not a model directory (no config.json; run "
                          "`dvc repro retrain` or `dvc pull`, or pass models:/<name>/<version>)")
-    best = Path(params.paths.best_params)
     threshold = threshold_override
     if threshold is None:
         try:
-            threshold = float(yaml.safe_load(best.read_text(encoding="utf-8")).get(
-                "threshold", THRESHOLD))
-        except (OSError, AttributeError, TypeError, ValueError) as err:
-            raise StageError(f"{best}: cannot read the shipped threshold ({err}); pass "
-                             "--threshold") from err
+            threshold = read_best_params(params.paths.best_params).threshold
+        except DataError as err:
+            raise StageError(f"{err}; or pass --threshold") from err
     return LoadedModel(AutoModelForSequenceClassification.from_pretrained(path),
                        AutoTokenizer.from_pretrained(path), threshold, params.model.max_length,
                        str(path))

@@ -1,10 +1,14 @@
 """A pull-request report: what this workspace changes against a base revision, and whether it is
 more than noise.
 
-Sections: params diff and best-params diff, metrics diff (``dvc params diff`` /
-``dvc metrics diff``), test metrics with 95% bootstrap intervals (posts resampled, since the pairs
-of a post are not independent), a fold-paired comparison of the base's and this branch's chosen
-trials (same folds: a paired test), the importance ranking, and the plots.
+First a warning when the base and this workspace ran on different hardware (the ``machine``,
+``device``, ``precision`` or ``cpu_capability`` recorded in metrics/eval.json and
+metrics/hpo.json differ): then the hardware, not the change, may have moved the numbers. Sections:
+params diff and best-params diff, metrics diff (``dvc params diff`` / ``dvc metrics diff``), test
+metrics with 95% percentile bootstrap intervals (``scipy.stats.bootstrap`` over the test posts:
+the pairs of a post are not independent, and every metric of a resample is computed on the same
+posts, so the differences to the baseline are paired), a fold-paired comparison of the base's and
+this branch's chosen trials (same folds: a paired t-test), the importance ranking, and the plots.
 
 Usage: ``python -m pipeline.report --rev main [--out report.md]`` (``make report``)
 """
@@ -15,6 +19,7 @@ import argparse
 import io
 import json
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +30,15 @@ from scipy import stats
 
 from pipeline.common import derive_seed, run_stage, write_text
 from pipeline.errors import StageError
+from pipeline.inputs import parse_best_params, read_best_params
 from pipeline.metrics import classification_metrics
 from pipeline.params import Params, YamlLoader, load_params
 from pipeline.predictions import read_predictions
 
 BOOTSTRAP = 1000
+# What produced a metrics file (evaluate writes the first three to eval.json, hpo to hpo.json):
+# the same code gives other numbers in bf16 than in fp32, or with other CPU kernels.
+HARDWARE = ("machine", "device", "precision", "cpu_capability")
 
 
 def _cmd(args: list[str]) -> str:
@@ -66,6 +75,38 @@ def _read_at(path: str, rev: str | None) -> str | None:
         return None
 
 
+def hardware_warning(base: dict[str, dict[str, Any]], this: dict[str, dict[str, Any]],
+                     rev: str) -> str:
+    """A warning line when a HARDWARE key that both sides record differs, else "".
+
+    ``base`` and ``this``: metrics file name -> its metrics (``rev``'s and the workspace's)."""
+    changes = [f"{name} {key}: {rev} `{base[name][key]}`, this `{this[name][key]}`"
+               for name in sorted(set(base) & set(this)) for key in HARDWARE
+               if key in base[name] and key in this[name] and base[name][key] != this[name][key]]
+    if not changes:
+        return ""
+    return (f"> **Warning: different hardware.** {rev} and this workspace ran on different "
+            f"machines or precisions ({'; '.join(changes)}): the hardware, not the change, may "
+            "have moved the numbers below.\n")
+
+
+def hardware_section(params: Params, rev: str) -> str:
+    """hardware_warning for the committed metrics files at ``rev`` and in the workspace."""
+    def recorded(at: str | None) -> dict[str, dict[str, Any]]:
+        found = {}
+        for path in (params.paths.eval_metrics, params.paths.hpo_metrics):
+            text = _read_at(path, at)
+            try:
+                doc = json.loads(text) if text else None
+            except json.JSONDecodeError:
+                doc = None
+            if isinstance(doc, dict):
+                found[path] = doc
+        return found
+
+    return hardware_warning(recorded(rev), recorded(None), rev)
+
+
 def diff_sections(rev: str, params: Params) -> str:
     out = []
     p_diff = json.loads(_cmd(["dvc", "params", "diff", rev, "--json"]) or "{}")
@@ -88,30 +129,26 @@ def diff_sections(rev: str, params: Params) -> str:
 def bootstrap_section(params: Params) -> str:
     """95% intervals of the test metrics, resampling posts (their pairs are correlated)."""
     text = _read_at(params.paths.predictions, None)
-    best = yaml.load(Path(params.paths.best_params).read_text(encoding="utf-8"),
-                     Loader=YamlLoader)
     if text is None:
         return "## Test metrics\n\nNo predictions in the workspace: run `dvc repro` first.\n"
+    best = read_best_params(params.paths.best_params)
     pred = read_predictions(text)
-    shipped = float(best.get("threshold", 0.5))
-    tuned = float(best.get("tuned_threshold") or shipped)
+    shipped, tuned = best.threshold, best.tuned_or_shipped
     eval_text = _read_at(params.paths.eval_metrics, None)
     base_threshold = float(json.loads(eval_text).get("baseline_threshold", 0.5)
                            if eval_text else 0.5)
-    posts = pred["post_id"].to_numpy()
-    unique = np.unique(posts)
-    members = {p: np.flatnonzero(posts == p) for p in unique}
-    rng = np.random.default_rng(derive_seed(params.seed, "bootstrap"))
+    unique, post_of_row = np.unique(pred["post_id"].to_numpy(), return_inverse=True)
+    members = [np.flatnonzero(post_of_row == i) for i in range(len(unique))]
+    y, p, b = (pred[c].to_numpy() for c in ("label", "probability", "baseline_probability"))
 
     def evaluate(rows: np.ndarray) -> dict[str, float]:
-        y, p, b = (pred[c].to_numpy()[rows] for c in ("label", "probability",
-                                                     "baseline_probability"))
-        at_default = classification_metrics(y, p)
-        at_shipped = classification_metrics(y, p, shipped)
-        base = classification_metrics(y, b, base_threshold)
+        at_default = classification_metrics(y[rows], p[rows])
+        at_shipped = classification_metrics(y[rows], p[rows], shipped)
+        base = classification_metrics(y[rows], b[rows], base_threshold)
         return {"roc_auc": at_default["roc_auc"], "pr_auc": at_default["pr_auc"],
                 "pos_f1 (0.5)": at_default["pos_f1"],
-                f"pos_f1 (tuned {tuned:.3f})": classification_metrics(y, p, tuned)["pos_f1"],
+                f"pos_f1 (tuned {tuned:.3f})":
+                    classification_metrics(y[rows], p[rows], tuned)["pos_f1"],
                 f"pos_f1 (shipped {shipped:.3f})": at_shipped["pos_f1"],
                 f"macro_f1 (shipped {shipped:.3f})": at_shipped["macro_f1"],
                 "baseline pr_auc": base["pr_auc"],
@@ -119,19 +156,37 @@ def bootstrap_section(params: Params) -> str:
                 "pr_auc - baseline": at_default["pr_auc"] - base["pr_auc"],
                 "pos_f1 (shipped) - baseline": at_shipped["pos_f1"] - base["pos_f1"]}
 
+    def of_posts(drawn: np.ndarray) -> np.ndarray:
+        """Every metric on the pairs of the drawn posts (indices into ``unique``)."""
+        rows = np.concatenate([members[i] for i in drawn])
+        return np.array(list(evaluate(rows).values()))
+
     point = evaluate(np.arange(len(pred)))
-    samples = []
-    for _ in range(BOOTSTRAP):
-        drawn = rng.choice(unique, size=len(unique), replace=True)
-        samples.append(evaluate(np.concatenate([members[p] for p in drawn])))
+    title = (f"## Test metrics (95% bootstrap intervals, {BOOTSTRAP} resamples of the "
+             f"{len(unique)} test posts)\n\n")
+    if len(unique) < 2:
+        return title + "Fewer than two test posts: no interval.\n"
+    with warnings.catch_warnings():
+        # an AUC is NaN on a resample without both classes: handled below, not warned about
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        result = stats.bootstrap((np.arange(len(unique)),), of_posts, n_resamples=BOOTSTRAP,
+                                 vectorized=False, method="percentile",
+                                 rng=np.random.default_rng(derive_seed(params.seed, "bootstrap")))
     rows = []
-    for key, value in point.items():
-        values = np.array([s[key] for s in samples])
-        values = values[np.isfinite(values)]
-        low, high = np.percentile(values, [2.5, 97.5])
-        rows.append([key, value, f"[{low:.3f}, {high:.3f}]"])
-    return (f"## Test metrics (95% bootstrap intervals, {BOOTSTRAP} resamples of the "
-            f"{len(unique)} test posts)\n\n" + _table(["metric", "value", "95% interval"], rows))
+    for k, (key, value) in enumerate(point.items()):
+        low, high = result.confidence_interval.low[k], result.confidence_interval.high[k]
+        values = result.bootstrap_distribution[k]
+        undefined = int(np.isnan(values).sum())
+        interval = f"[{low:.3f}, {high:.3f}]"
+        if undefined == BOOTSTRAP:
+            interval = "undefined (no resample has both classes)"
+        elif undefined:
+            # the interval of the resamples where the metric is defined (scipy's is NaN)
+            low, high = np.nanpercentile(values, [2.5, 97.5])
+            interval = (f"[{low:.3f}, {high:.3f}] ({undefined} resamples without both classes "
+                        "left out)")
+        rows.append([key, value, interval])
+    return title + _table(["metric", "value", "95% interval"], rows)
 
 
 def _folds_identity(params: Params, rev: str | None) -> str | None:
@@ -153,7 +208,10 @@ def _chosen_folds(params: Params, rev: str | None) -> tuple[int, dict[int, float
     folds_id = _folds_identity(params, rev)
     if not (best_text and folds_id):
         return None
-    trial = yaml.load(best_text, Loader=YamlLoader)["trial"]
+    where = f"{params.paths.best_params} at {rev or 'the workspace'}"
+    trial = parse_best_params(best_text, where).trial
+    if trial is None:
+        return None
     for path in (params.paths.fold_metrics, params.paths.hpo_folds_plot):
         text = _read_at(path, rev)
         if not text:
@@ -189,7 +247,7 @@ def paired_section(params: Params, rev: str) -> str:
     mean = float(diffs.mean())
     if len(diffs) > 1 and np.std(diffs) > 0:
         t, p = stats.ttest_rel([tf[k] for k in folds], [bf[k] for k in folds])
-        se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+        se = float(stats.sem(diffs))
         verdict = ("more than fold noise" if p < 0.05 else
                    "within fold noise: not evidence of a real change")
         text += (f"\nMean difference {mean:+.4f} (SE {se:.4f}); paired t-test over "
@@ -229,7 +287,7 @@ def build(params: Params, rev: str) -> str:
     head = _cmd(["git", "rev-parse", "--short", "HEAD"]).strip()
     base = _cmd(["git", "rev-parse", "--short", rev]).strip()
     parts = [f"# Experiment report: this workspace (HEAD {head}) vs {rev} ({base})\n",
-             diff_sections(rev, params), bootstrap_section(params),
+             hardware_section(params, rev), diff_sections(rev, params), bootstrap_section(params),
              paired_section(params, rev), importance_section(params), plots_section(params, rev)]
     return "\n".join(part for part in parts if part)
 

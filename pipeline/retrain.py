@@ -21,17 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import yaml
-
 from pipeline.common import derive_seed, run_stage
-from pipeline.engine import (
-    Hyperparameters,
-    encode_pairs,
-    fine_tune,
-    subsample_negatives,
-)
-from pipeline.errors import StageError
+from pipeline.engine import encode_pairs, fine_tune, subsample_negatives
+from pipeline.inputs import read_best_params, read_split
 from pipeline.model import load_tokenizer, pick_device, resolve_model_path
 from pipeline.params import Params, load_params
 from pipeline.tracking import (
@@ -43,14 +35,6 @@ from pipeline.tracking import (
     latest_version,
     study_link,
 )
-
-
-def read_best(path: str | Path) -> Hyperparameters:
-    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    try:
-        return Hyperparameters(**doc["hyperparameters"])
-    except (TypeError, KeyError) as err:
-        raise StageError(f"{path}: not a best-params file written by export_best: {err}") from err
 
 
 def _model_card(params: Params, info: dict[str, Any], link: dict[str, str]):
@@ -104,8 +88,8 @@ def log_model_run(params: Params, model_dir: Path, info: dict[str, Any],
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     runs = RunTree(params.hpo.mlflow_experiment)
-    best = yaml.safe_load(Path(params.paths.best_params).read_text(encoding="utf-8"))
-    link = study_link(runs, params.paths.study_summary, best.get("trial"))
+    link = study_link(runs, params.paths.study_summary,
+                      read_best_params(params.paths.best_params).trial)
     sha = dir_sha256(model_dir)
     name = params.registry.model_name
     run_id = runs.start("retrain", link.get("study_run_id"),
@@ -152,9 +136,8 @@ def log_model_run(params: Params, model_dir: Path, info: dict[str, Any],
 
 
 def run(params: Params) -> dict[str, Any]:
-    hp = read_best(params.paths.best_params)
-    pairs = pd.read_csv(params.paths.pairs, keep_default_na=False)
-    pairs = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    hp = read_best_params(params.paths.best_params).hyperparameters_checked()
+    pairs = read_split(params.paths.pairs, "train")
     tokenizer = load_tokenizer(params.model.name)
     enc = encode_pairs(tokenizer, pairs["criterion"], pairs["sentence"], pairs["label"],
                        params.model.max_length)

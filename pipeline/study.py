@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.common import derive_seed
 from pipeline.errors import StageError
-from pipeline.params import Hyperparameters, Params, SearchParam, YamlLoader
+from pipeline.inputs import read_best_params
+from pipeline.params import Hyperparameters, Params, SearchParam
 from pipeline.storage import StudyStorage
 
 INDEX = "index"  # user attribute: the trial's index in the schedule
@@ -301,8 +301,7 @@ def warm_start_points(params: Params, storage: StudyStorage) -> list[dict[str, A
         if not path.is_file():
             raise StageError(f"params.yaml: hpo.warm_start: {path} not found (a best-params "
                              "YAML written by export_best, or study:<name>)")
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {}
-        points = [doc.get("hyperparameters") or {}]
+        points = [read_best_params(path).hyperparameters]
     unique: list[dict[str, Any]] = []
     for point in map(lambda p: _in_space(params, p), points):
         if point and point not in unique:

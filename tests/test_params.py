@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -208,3 +209,24 @@ def test_exponent_floats_without_a_dot_are_floats(text, value):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_parallelism_and_n_jobs(raw):
+    # auto: as many trial processes as the machine fits (hpo.py caps them at hpo.parallelism)
+    params = parse_params(apply_overrides(raw, {"hpo.n_jobs": "auto", "hpo.parallelism": 1}))
+    assert (params.hpo.n_jobs, params.hpo.parallelism) == ("auto", 1)
+    params = parse_params(apply_overrides(raw, {"hpo.n_jobs": 3, "hpo.parallelism": 4}))
+    assert (params.hpo.n_jobs, params.hpo.parallelism) == (3, 4)
+    with pytest.raises(ParamsError, match="^" + re.escape(
+            "params.yaml: hpo.n_jobs: 2 trials at once need hpo.parallelism >= 2 (it is 1: "
+            "trial k waits for trial k - 1)") + "$"):
+        parse_params(apply_overrides(raw, {"hpo.n_jobs": 2, "hpo.parallelism": 1}))
+    with pytest.raises(ParamsError, match="^params.yaml: hpo.parallelism: must be >= 1$"):
+        parse_params(apply_overrides(raw, {"hpo.parallelism": 0}))
+    with pytest.raises(ParamsError, match="^params.yaml: hpo.n_jobs: must be >= 1 or auto$"):
+        parse_params(apply_overrides(raw, {"hpo.n_jobs": 0, "hpo.parallelism": 2}))
+    with pytest.raises(ParamsError, match="^params.yaml: hpo.n_jobs: got 'all', expected int or"):
+        parse_params(apply_overrides(raw, {"hpo.n_jobs": "all"}))
+    # replace() checks the same way (stages and tests build variants of params with it)
+    with pytest.raises(ParamsError, match="hpo.n_jobs: 4 trials at once need hpo.parallelism"):
+        dataclasses.replace(params.hpo, n_jobs=4, parallelism=3)

@@ -80,6 +80,7 @@ def _edit(name: str, old: str, new: str):
 
 
 POSTS = "redsm5_posts.csv"
+BEST = "artifacts/best_params.yaml"  # paths.best_params
 BAD_INPUT = {
     "missing file": ([], lambda d: (d / POSTS).unlink(), f"{POSTS}: file not found"),
     "missing column": ([], _edit(POSTS, "post_id,text", "post_id,body"),
@@ -92,6 +93,10 @@ BAD_INPUT = {
     "registered model, no store": (["--model", "models:/nope/1"], None,
                                    "--model models:/nope/1: no MLflow store at sqlite:///"),
     "malformed registry uri": (["--model", "models:/nope"], None, "--model models:/nope"),
+    # the model directory's shipped threshold cannot be read (and no --threshold)
+    "bad best params": ([], lambda d: (d.parent / BEST).write_text("threshold: 1.5\n"),
+                        f"{BEST}: threshold: Input should be less than or equal to 1 (got 1.5); "
+                        "or pass --threshold"),
 }
 
 

@@ -21,6 +21,8 @@ from pipeline import evaluate, export_best, hpo, predict, prepare, retrain
 from pipeline.common import run_stage
 from pipeline.engine import encode_pairs
 from pipeline.engine import predict as score
+from pipeline.inputs import read_split
+from pipeline.machine import label
 from pipeline.model import pick_device
 from pipeline.params import load_params
 from pipeline.tracking import dir_sha256, fluent_store, tracking_uri
@@ -104,14 +106,19 @@ def test_registered_model_scores_like_the_model_directory_and_carries_its_thresh
     eval_json = json.loads(Path(paths.eval_metrics).read_text())
     assert evaluated.data.metrics["pr_auc"] == pytest.approx(eval_json["pr_auc"], rel=1e-5)
     assert evaluated.data.params["shipped_threshold"] == str(eval_json["shipped_threshold"])
+    # what produced the numbers, in eval.json (for `dvc metrics diff`, make report) and the run
+    device = pick_device(params.train.device, 0, "fp32").type
+    assert (eval_json["machine"], eval_json["device"], eval_json["precision"]) == (
+        label(device), device, "fp32")
+    assert list(eval_json)[-3:] == ["machine", "device", "precision"]
+    assert evaluated.data.params["precision"] == "fp32"
     plots = {a.path for a in client.list_artifacts(evaluated.info.run_id, "plots")}
     assert plots == {"plots/pr_curve.csv", "plots/roc_curve.csv", "plots/confusion.csv"}
 
     # the registered version loads with the transformers flavour and scores like the directory
     with fluent_store(tracking_uri()):
         loaded = mlflow.transformers.load_model(f"models:/{name}/1", return_type="components")
-    pairs = pd.read_csv(paths.pairs, keep_default_na=False)
-    pairs = pairs[pairs["split"] == "test"].head(200).reset_index(drop=True)
+    pairs = read_split(paths.pairs, "test").head(200)
     registered = _score(loaded["model"], loaded["tokenizer"], pairs, params)
     local = _score(AutoModelForSequenceClassification.from_pretrained(paths.model_dir),
                    AutoTokenizer.from_pretrained(paths.model_dir), pairs, params)

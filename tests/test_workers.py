@@ -1,5 +1,5 @@
-"""Real processes and real kills: crash-resume through `dvc repro`, workers sharing one study on a
-journal file and on PostgreSQL, and a worker killed mid-trial."""
+"""Real processes and real kills: crash-resume through `dvc repro` and `dvc exp run`, workers
+sharing one study on a journal file and on PostgreSQL, and a worker killed mid-trial."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
+from sqlalchemy.exc import OperationalError
 
 from conftest import BIN, dump_yaml, load_yaml, run
+from pipeline.study import INDEX
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +31,9 @@ def _popen(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Pop
 
 
 def _study(repo: Path, storage: str | None = None) -> optuna.Study:
+    """The study as it runs: in the workspace's store (or ``storage``)."""
     params = load_yaml(repo / "params.yaml")
-    url = storage or f"sqlite:///{repo / params['paths']['study_db']}"
+    url = storage or f"sqlite:///{repo / params['paths']['study_store']}"
     names = optuna.get_all_study_names(url)
     assert len(names) == 1, names
     return optuna.load_study(study_name=names[0], storage=url)
@@ -41,7 +44,7 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     while time.monotonic() < deadline:
         try:
             value = predicate()
-        except (KeyError, AssertionError, ValueError, Exception):  # storage not created yet
+        except (KeyError, AssertionError, IndexError, OperationalError):  # not created yet
             value = None
         if value:
             return value
@@ -51,6 +54,10 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
 
 def _states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.trials]
+
+
+def _attempts(study: optuna.Study, index: int) -> list:
+    return [t for t in study.trials if t.user_attrs.get(INDEX) == index]
 
 
 def _set(repo: Path, **hpo) -> None:
@@ -87,22 +94,49 @@ def test_kill_9_then_dvc_repro_resumes_without_rerunning_finished_trials(repo_co
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4
     assert {t.number: t.datetime_complete for t in study.trials if t.number < 2} == before
-    dead = study.trials[2]
+    dead, retry = _attempts(study, 2)
     assert dead.state.name == "FAIL" and "died during the trial" in dead.user_attrs["fail_reason"]
-    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == 2]
-    assert len(retry) == 1 and retry[0].state.name in ("COMPLETE", "PRUNED")
-    assert retry[0].params == dead.params  # the same point of the search space, run again
+    assert retry.state.name in ("COMPLETE", "PRUNED")
+    assert retry.params == dead.params  # the same point of the search space, run again
     assert "RUNNING" not in _states(study)
     _no_running_runs(repo)
     assert "up to date" in run(["dvc", "status"], repo).stdout
-    print(f"kill-resume: kept 2 finished trials, retried trial 2 as trial {retry[0].number}, "
-          f"resume took {seconds:.1f}s")
+    print(f"kill-resume: kept 2 finished trials, ran trial 2 again as Optuna trial "
+          f"{retry.number}, resume took {seconds:.1f}s")
+
+
+def test_kill_9_then_the_same_dvc_exp_run_keeps_every_finished_trial(repo_copy):
+    repo = repo_copy
+    command = ["dvc", "exp", "run", "-S", "hpo.n_trials=4"]
+    proc = _popen(command, repo, env={"PIPELINE_FAULT": "hang@trial=2"})
+
+    def two_finished_and_the_third_running():
+        ledger = {t.user_attrs.get(INDEX): t.state.name for t in _study(repo).trials}
+        return ledger.get(2) == "RUNNING" and ledger.get(0) in ("COMPLETE", "PRUNED") and \
+            ledger.get(1) in ("COMPLETE", "PRUNED")
+
+    _wait_for(two_finished_and_the_third_running, 300, "two finished trials, the third running")
+    before = {k: [(t.number, t.datetime_complete) for t in _attempts(_study(repo), k)]
+              for k in (0, 1)}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    run(command, repo)  # the same command again, without the fault
+    study = _study(repo)
+    # none of the finished trials ran twice: one attempt each, the same one
+    assert {k: [(t.number, t.datetime_complete) for t in _attempts(study, k)]
+            for k in (0, 1)} == before
+    dead, again = _attempts(study, 2)
+    assert dead.state.name == "FAIL" and again.state.name in ("COMPLETE", "PRUNED")
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+    _no_running_runs(repo)
 
 
 def test_journal_storage_shared_by_the_stage_and_a_worker(repo_copy):
     repo = repo_copy
     journal = repo / "artifacts" / "hpo" / "study.journal"
-    _set(repo, n_trials=4, storage=f"journal:{journal}")
+    # parallelism 2: two trials may run at once, one in each process
+    _set(repo, n_trials=4, parallelism=2, storage=f"journal:{journal}")
     run(["dvc", "repro", "prepare"], repo)
     worker = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo)
     run(["dvc", "repro"], repo)
@@ -118,7 +152,7 @@ def test_journal_storage_shared_by_the_stage_and_a_worker(repo_copy):
 def test_postgres_stage_and_worker_then_a_worker_killed_mid_trial(repo_copy, postgres_url):
     repo = repo_copy
     env = {"HPO_STORAGE": postgres_url}
-    _set(repo, n_trials=4, heartbeat_interval=1, grace_period=4)
+    _set(repo, n_trials=4, parallelism=2, heartbeat_interval=1, grace_period=4)
     run(["dvc", "repro", "prepare"], repo)
 
     # 1. the stage and a second worker share the study on PostgreSQL
@@ -155,15 +189,14 @@ def test_postgres_stage_and_worker_then_a_worker_killed_mid_trial(repo_copy, pos
     run(["dvc", "repro"], repo, env=env)
     second_seconds = time.perf_counter() - start
     study = _study(repo, postgres_url)
-    dead = study.trials[victim.number]
-    assert dead.state.name == "FAIL"
-    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert len(retry) == 1 and retry[0].state.name in ("COMPLETE", "PRUNED")
+    dead, retry = _attempts(study, victim.user_attrs[INDEX])
+    assert dead.number == victim.number and dead.state.name == "FAIL"
+    assert retry.state.name in ("COMPLETE", "PRUNED") and retry.params == dead.params
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 6
     assert "RUNNING" not in _states(study)
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     _no_running_runs(repo)
     print(f"postgres: 4 trials by 2 workers in {first_seconds:.1f}s; killed worker's trial "
-          f"{victim.number} failed by heartbeat and retried as {retry[0].number}; "
+          f"{victim.number} failed by heartbeat and ran again as {retry.number}; "
           f"{second_seconds:.1f}s")
