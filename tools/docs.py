@@ -518,26 +518,40 @@ def hpo_efficiency(src: Sources) -> str:
 
 
 def study_speed(src: Sources) -> str:
-    """The default study through the hpo stage at each precision and number of jobs."""
+    """Waves against the schedule: the real hpo stage at n_jobs 1 and 2, side by side."""
     d = src.json("bench/results/study_speed.json")
     if d is None:
         return "*No `bench/results/study_speed.json` yet.*"
-    arms = d.get("arms")
-    if not isinstance(arms, dict) or not all(isinstance(v, dict) for v in arms.values()):
-        return _fields(d, "bench/results/study_speed.json")
-    rows = []
-    for arm, v in arms.items():
-        if "skipped" in v:
-            rows.append([f"`{arm}`", f"skipped: {v['skipped']}", "", "", "", "", ""])
-            continue
-        speedup = v.get("speedup_vs_sequential_fp32")
-        rows.append([f"`{arm}`", secs(v.get("wall_seconds")),
-                     f"{speedup:.2f}×" if speedup else DASH, num(v.get("best_value")),
-            f"{v.get('n_complete', DASH)} / {v.get('n_pruned', DASH)}",
-            v.get("fold_fits_run", DASH), pct(v.get("idle_fraction"))])
-    return (table(["arm", "hpo stage", "speed-up", "best value", "complete / pruned",
-                   "fold fits", "idle"], rows, "lrrrrrr")
-            + "\n\n" + measured(d, "bench/results/study_speed.json"))
+    rows = [[f"`{arm}`", secs(v["wall_seconds"]), f"{v['speedup_vs_waves_n1']:.2f}×",
+             pct(v["idle_fraction"]), num(v["best_value"]),
+             f"{v['n_complete']} / {v['n_pruned']}", f"{v['epochs_run']} / {v['epochs_possible']}",
+             "yes" if v["same_trials_as_n_jobs_1"] else "**no**"]
+            for arm, v in d["schedules"].items()]
+    s = d["setup"]
+    return (table(["arm", "hpo stage", "vs waves_n1", "idle", "best value", "complete / pruned",
+                   "epochs run", "same trials as n_jobs 1"], rows, "lrrrrrrl")
+            + f"\n\n{s['trials']} trials: {s['study']}; waves from commit `{s['waves_rev']}`. "
+            + measured(d, "bench/results/study_speed.json"))
+
+
+def parallelism_cost(src: Sources) -> str:
+    """Best value after N trials at each hpo.parallelism (surrogate of the recorded curves)."""
+    d = src.json("bench/results/parallelism_cost.json")
+    if d is None:
+        return "*No `bench/results/parallelism_cost.json` yet.*"
+    s = d["setup"]
+    checkpoints = [str(n) for n in s["checkpoints"]]
+    def cell(v: dict, n: str) -> str:
+        regret = num(v["regret_vs_sequential_mean"][n], 4, sign=True)
+        return f"{num(v['value_median'][n], 4)} ({regret})"
+
+    rows = [[lag] + [cell(v, n) for n in checkpoints] for lag, v in d["parallelism"].items()]
+    return (table(["parallelism"] + [f"after {n} trials" for n in checkpoints], rows,
+                  "r" * (len(checkpoints) + 1))
+            + f"\n\nMedian surrogate value of the trial each study picked over {s['seeds']} "
+              f"seeds (mean regret against parallelism {s['baseline_parallelism']}, paired by "
+              f"seed, in brackets; fold noise {num(s['fold_noise'], 4)}). "
+            + measured(d, "bench/results/parallelism_cost.json"))
 
 
 def trial_isolation(src: Sources) -> str:
@@ -627,19 +641,47 @@ def _fields(d: dict, rel: str) -> str:
 
 
 def gpu_projection(src: Sources) -> str:
-    """What a GPU study would cost, when a projection has been recorded."""
+    """Projected hours of the full profile on one H200 per schedule."""
     d = src.json("bench/results/gpu_projection.json")
     if d is None:
         return "*No `bench/results/gpu_projection.json` yet.*"
-    return _fields(d, "bench/results/gpu_projection.json")
+    i = d["inputs"]
+    rows = [[f"`{name}`", num(hours, 2), pct(d["idle_fraction"][name]),
+             num(d["pruned_trials"][name], 0), pct(d["epochs_run_fraction"][name])]
+            for name, hours in d["projected_hours"].items()]
+    c = i["corpus"]
+    return (table(["schedule", "projected hours", "idle slots", "pruned trials",
+                   "epochs run"], rows, "lrrrr")
+            + f"\n\n{i['trials']} trials × {i['folds']} folds, {i['processes']} processes "
+              f"(batch {', '.join(map(str, i['batches']))}; epochs {i['epochs'][0]}–"
+              f"{i['epochs'][1]}), {num(c['train_samples_per_epoch'], 0)} training samples and "
+              f"{num(c['validation_pairs_per_fold'], 0)} validation pairs per fold and epoch "
+              f"({c['posts']} posts); throughput from `{i['gpu_table']}` ({i['gpu']}, "
+              f"{i['gpu_torch']}); medians over {i['draws']} draws. "
+            + measured(d, "bench/results/gpu_projection.json"))
+
+
+def gpu_projection_hours(src: Sources) -> str:
+    """The full profile's projected hours on one H200, per schedule (short form)."""
+    d = src.json("bench/results/gpu_projection.json")
+    if d is None:
+        return "*No `bench/results/gpu_projection.json` yet.*"
+    names = {"one_at_a_time": "one trial at a time", "schedule": "8 processes, MPS",
+             "schedule_no_mps": "8 processes, no MPS"}
+    rows = [[label, f"{num(d['projected_hours'][key], 1)} h"] for key, label in names.items()]
+    return (table(["full profile, 50 trials × 5 folds", "projected"], rows, "lr")
+            + "\n\nDetails and the waves it replaces: "
+              "[docs/parallel.md](docs/parallel.md#the-full-profile-on-one-gpu). "
+            + measured(d, "bench/results/gpu_projection.json"))
 
 
 TABLES: dict[str, Callable[[Sources], str]] = {
     f.__name__: f for f in (
         stages, stage_io, modules, repro_times, metrics, per_criterion, study, seed7,
         recipe_curves, results_files, throughput, throughput_profile, curves_table,
-        pruning_replay, pruning_variants, hpo_efficiency, study_speed, trial_isolation,
-        gpu_check, gpu_jobs, cpu_bf16, gpu_projection)
+        pruning_replay, pruning_variants, hpo_efficiency, study_speed, parallelism_cost,
+        trial_isolation,
+        gpu_check, gpu_jobs, cpu_bf16, gpu_projection, gpu_projection_hours)
 }
 
 
