@@ -30,7 +30,7 @@ install: $(VENV)/.installed
 # torch==2.13.0 from constraints.txt: on a machine with the CPU wheel on disk it is taken in
 # seconds; elsewhere PyPI's default build, which is the CUDA one on Linux (a GPU user gets CUDA).
 # The installer is uv (the PyPI package, put into the venv by pip): about 1 minute against pip's
-# 3.5 on a fresh clone here (README, "Quick start"). uv does not read pip's configuration, so the
+# 3.5 on a fresh clone here. uv does not read pip's configuration, so the
 # find-links, extra indexes and constraint files that pip would use (PIP_* variables or
 # `pip config`) are passed on, and like pip it takes the best version across indexes. Like pip,
 # it compiles the bytecode at install (--compile-bytecode): with PYTHONDONTWRITEBYTECODE set,
@@ -66,12 +66,13 @@ test-fast: data
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff check pipeline tests bench tools
 
-# Benchmarks print their tables and write bench/results/ (see README, "Benchmarks"): throughput
-# and the engine's epoch profile, the learning-curve table and the pruning replay on it, the
-# 30-trial pruning policy (per-epoch reports) end to end, parallel trials, and the
-# training-recipe curves (hours on 2 cores; each script can be run alone).
+# Benchmarks print their tables and write bench/results/ (docs/benchmarks.md): throughput and
+# the engine's epoch profile, the learning-curve table and the pruning replay on it, the 30-trial
+# pruning policy (per-epoch reports) end to end, waves vs the schedule, what parallelism costs in
+# sample efficiency, the GPU projection, and the training-recipe curves (hours on 2 cores; each
+# script can be run alone). `make docs` then rewrites the tables of the pages.
 bench: data
 	$(BIN)/dvc repro prepare
 	$(BIN)/python bench/train_throughput.py
@@ -80,6 +81,8 @@ bench: data
 	$(BIN)/python bench/pruning_replay.py
 	$(BIN)/python bench/hpo_efficiency.py --report epoch --out bench/results/hpo_efficiency_30.json
 	$(BIN)/python bench/study_speed.py
+	$(BIN)/python bench/parallelism_cost.py
+	$(BIN)/python bench/gpu_projection.py
 	$(BIN)/python bench/recipe_curves.py
 
 BASE ?= main

@@ -14,11 +14,15 @@ result:
   fold's validation curve is a recorded one (``curves.csv``: 30 trials x 2 folds x 8 epochs,
   MiniLM on a CPU), so early stopping (patience 2) and the per-epoch percentile-25 pruner (5
   startup trials) stop trials as they would. A pruning decision sees what its schedule lets it
-  see: one at a time, all earlier trials; waves, the earlier waves; the schedule, trials up to
-  k - parallelism. Every trial also pays a process start and model load (``--trial-overhead``).
-* Schedules: ``one_at_a_time`` (n_jobs 1, today's ``make full``), ``waves`` (n_jobs N, a wave
-  lasts its slowest trial, trials see earlier waves) and ``schedule`` (n_jobs = parallelism = N;
-  trial k starts when a slot is free and trials up to k - N have ended), with and without MPS.
+  see: one at a time, all earlier trials; waves, the earlier waves; the schedule, the trials
+  that ended on the study's virtual clock by the trial's virtual start (pipeline/study.py: a
+  trial lasts its optimizer steps + validation batches). Every trial also pays a process start
+  and model load (``--trial-overhead``).
+* Schedules: ``one_at_a_time`` (n_jobs 1, today's ``make full`` before parallel trials),
+  ``waves`` (n_jobs N, a wave lasts its slowest trial, trials see earlier waves) and ``schedule``
+  (n_jobs = parallelism = N: trial k starts, in index order, once a process is free and its
+  virtual start is decided, i.e. the trial freeing its virtual worker has ended and the trials
+  running on the others have done enough, read every ``--poll`` seconds), with and without MPS.
 
 ``projected_hours``: the median over ``--draws`` studies (curve and hyperparameter draws) of the
 makespan; ``idle_fraction``: 1 - busy slot-seconds / (N x makespan).
@@ -52,6 +56,7 @@ class Trial:
     requested: int  # num_train_epochs
     epochs: list[int]  # epochs run per fold run (early stopping, pruning)
     pruned: bool
+    cost: float = 0.0  # virtual duration: optimizer steps + validation batches (study.py)
 
 
 def profile() -> dict:
@@ -74,11 +79,36 @@ def corpus(test_size: float, n_folds: int, negatives: int) -> dict:
             "validation_pairs_per_fold": round(train_pairs / n_folds)}
 
 
+class Views:
+    """What trial k may see under each schedule, told each trial's virtual duration in turn."""
+
+    def __init__(self, kind: str, n: int) -> None:
+        self.kind, self.n = kind, n
+        self.free = [0.0] * n  # the virtual clock's workers (kind "schedule")
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def visible(self, k: int) -> list[int]:
+        if self.kind == "one_at_a_time":
+            return list(range(k))
+        if self.kind == "waves":  # the earlier waves
+            return list(range(k - k % self.n))
+        start = min(self.free)  # the schedule: what ended on the virtual clock by k's start
+        self.starts.append(start)
+        return [j for j in range(k) if self.ends[j] <= start]
+
+    def ended(self, k: int, cost: float) -> None:
+        if self.kind == "schedule":
+            w = int(np.argmin(self.free))
+            self.free[w] = self.starts[k] + cost
+            self.ends.append(self.free[w])
+
+
 def draw_trials(curves: np.ndarray, n_trials: int, n_folds: int, batches: list[int],
-                epochs: tuple[int, int], patience: int, pruner: dict, visible,
-                rng: np.random.Generator) -> list[Trial]:
-    """Each trial's batch and epochs run per fold, with the pruner's decisions on what
-    ``visible(k)`` (the indices trial k may see) says."""
+                epochs: tuple[int, int], patience: int, pruner: dict, views: Views,
+                units_per_epoch, rng: np.random.Generator) -> list[Trial]:
+    """Each trial's batch and epochs run per fold, with the pruner's decisions on what its view
+    holds; ``units_per_epoch(batch)``: the virtual duration of one epoch."""
     n_table, n_recorded, stride = curves.shape
     order = rng.permutation(n_table)
     draws = [(int(rng.choice(batches)), int(rng.integers(epochs[0], epochs[1] + 1)),
@@ -92,7 +122,7 @@ def draw_trials(curves: np.ndarray, n_trials: int, n_folds: int, batches: list[i
             n_warmup_steps=0, interval_steps=1))
         study.add_trials([optuna.trial.create_trial(value=values[j],
                                                     intermediate_values=reports[j])
-                          for j in visible(k) if reports[j] is not None])
+                          for j in views.visible(k) if reports[j] is not None])
         trial = study.ask()
         scores, run, pruned, iv = [], [], False, {}
         for fold in range(n_folds):
@@ -115,7 +145,9 @@ def draw_trials(curves: np.ndarray, n_trials: int, n_folds: int, batches: list[i
             scores.append(best)
             if pruned:
                 break
-        out.append(Trial(batch, n_epochs, run, pruned))
+        t = Trial(batch, n_epochs, run, pruned, sum(run) * units_per_epoch(batch))
+        views.ended(k, t.cost)
+        out.append(t)
         reports.append(None if pruned else iv)
         values.append(None if pruned else float(np.mean(scores)))
     return out
@@ -129,23 +161,56 @@ def seconds(trial: Trial, rate: dict[int, float], infer: float, data: dict,
                                 + data["validation_pairs_per_fold"] / infer)
 
 
-def simulate(durations: list[float], n_jobs: int, kind: str) -> tuple[float, float]:
-    """Makespan and idle fraction of trials with these durations on n_jobs slots."""
+def simulate(trials: list[Trial], durations: list[float], n_jobs: int, kind: str,
+             views: Views, overhead: float, poll: float) -> tuple[float, float]:
+    """Makespan and idle fraction of the trials on n_jobs processes.
+
+    The schedule: trial k starts (in index order) once a process is free and its virtual start
+    is decided (study.Ledger.starts): the trial that frees its virtual worker has ended, and
+    every trial still running on another worker has done enough (its progress, read every
+    ``poll`` seconds) to be sure it ends later."""
     if kind == "one_at_a_time":
         return sum(durations), 0.0
     if kind == "waves":
         end = sum(max(durations[w:w + n_jobs]) for w in range(0, len(durations), n_jobs))
-    else:  # the schedule: start when a slot is free and trials up to k - n_jobs have ended
-        ends: list[float] = []
-        slots = [0.0] * n_jobs
-        for k, d in enumerate(durations):
-            ready = max(ends[: k - n_jobs + 1], default=0.0)
-            slot = int(np.argmin(slots))
-            start = max(slots[slot], ready)
-            slots[slot] = start + d
-            ends.append(start + d)
-        end = max(ends)
+        return end, 1 - sum(durations) / (n_jobs * end)
+    n = views.n
+    real_start: list[float] = []
+    real_end: list[float] = []
+    worker_of: list[int] = []  # the virtual worker each trial took
+    free = [0.0] * n
+    last_on = [-1] * n  # the last trial on each virtual worker
+    slots = [0.0] * n_jobs
+    for k, trial in enumerate(trials):
+        start_v = views.starts[k]
+        w = min(range(n), key=lambda i: (free[i], i))
+        decided = 0.0
+        for i in range(n):
+            j = last_on[i]
+            if j < 0:
+                continue
+            if i == w:  # the trial that frees k's worker: it must have ended
+                decided = max(decided, real_end[j])
+                continue
+            # when trial j's progress passes start_v (or it ends), read at the next poll
+            need = (start_v - views.starts[j]) / trial_cost(trials[j])
+            passed = real_start[j] + overhead + max(0.0, need) * (real_end[j] - real_start[j]
+                                                                  - overhead)
+            decided = max(decided, min(real_end[j], passed + poll))
+        slot = int(np.argmin(slots))
+        begin = max(decided, slots[slot], real_start[-1] if real_start else 0.0)
+        real_start.append(begin)
+        real_end.append(begin + durations[k])
+        slots[slot] = begin + durations[k]
+        free[w] = start_v + trial.cost
+        last_on[w] = k
+        worker_of.append(w)
+    end = max(real_end)
     return end, 1 - sum(durations) / (n_jobs * end)
+
+
+def trial_cost(trial: Trial) -> float:
+    return max(trial.cost, 1e-9)
 
 
 def main() -> None:
@@ -157,6 +222,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8, help="processes (= parallelism)")
     parser.add_argument("--trial-overhead", type=float, default=15.0,
                         help="seconds per trial: process start, model load, CUDA context")
+    parser.add_argument("--poll", type=float, default=1.0,
+                        help="seconds between the stage's reads of the trials' progress")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -184,26 +251,34 @@ def main() -> None:
         return per, infer_one * share
 
     n = args.jobs
-    arms = {"one_at_a_time": ("jobs1", 1, "one_at_a_time"),
-            "waves": (f"mps_jobs{n}", n, "waves"),
-            "schedule": (f"mps_jobs{n}", n, "schedule"),
-            "waves_no_mps": (f"jobs{n}", n, "waves"),
-            "schedule_no_mps": (f"jobs{n}", n, "schedule")}
-    visible = {"one_at_a_time": lambda k: range(k),
-               "waves": lambda k: range(k - k % n),
-               "schedule": lambda k: range(max(0, k - n + 1))}
+    arms = {"one_at_a_time": ("jobs1", 1, "one_at_a_time", batches),
+            "waves": (f"mps_jobs{n}", n, "waves", batches),
+            "schedule": (f"mps_jobs{n}", n, "schedule", batches),
+            "waves_no_mps": (f"jobs{n}", n, "waves", batches),
+            "schedule_no_mps": (f"jobs{n}", n, "schedule", batches),
+            # the same with batch 8 left out of the search space: what bounds the study is its
+            # longest complete trial, and batch 8 trains slowest
+            "schedule_batch_16_32": (f"mps_jobs{n}", n, "schedule", [b for b in batches if b > 8])}
+    eval_batch = full["train.eval_batch_size"]
+
+    def units_per_epoch(batch: int) -> float:  # optimizer steps + validation batches
+        return (math.ceil(data["train_samples_per_epoch"] / batch)
+                + math.ceil(data["validation_pairs_per_fold"] / eval_batch))
     result = {"projected_hours": {}, "idle_fraction": {}, "pruned_trials": {},
-              "epochs_run_fraction": {}}
-    for name, (run, n_jobs, kind) in arms.items():
+              "epochs_run_fraction": {}, "longest_trial_hours": {}}
+    for name, (run, n_jobs, kind, arm_batches) in arms.items():
         per, infer = rates(run, n_jobs)
-        hours, idle, pruned, frac = [], [], [], []
+        hours, idle, pruned, frac, longest = [], [], [], [], []
         for d in range(args.draws):
             rng = np.random.default_rng(d)
-            trials = draw_trials(curves, n_trials, n_folds, batches, (space["low"],
-                                 space["high"]), patience, pruner, visible[kind], rng)
+            views = Views(kind, n_jobs)
+            trials = draw_trials(curves, n_trials, n_folds, arm_batches, (space["low"],
+                                 space["high"]), patience, pruner, views, units_per_epoch, rng)
             durations = [seconds(t, per, infer, data, args.trial_overhead) for t in trials]
-            makespan, slack = simulate(durations, n_jobs, kind)
+            makespan, slack = simulate(trials, durations, n_jobs, kind, views,
+                                       args.trial_overhead, args.poll)
             hours.append(makespan / 3600)
+            longest.append(max(durations) / 3600)
             idle.append(slack)
             pruned.append(sum(t.pruned for t in trials))
             frac.append(sum(sum(t.epochs) for t in trials)
@@ -212,8 +287,10 @@ def main() -> None:
         result["idle_fraction"][name] = float(np.median(idle))
         result["pruned_trials"][name] = float(np.median(pruned))
         result["epochs_run_fraction"][name] = float(np.median(frac))
+        result["longest_trial_hours"][name] = float(np.median(longest))
         print(f"{name:16s} {np.median(hours):6.2f} h (p10-p90 {np.percentile(hours, 10):.2f}-"
-              f"{np.percentile(hours, 90):.2f}), idle {np.median(idle):.1%}, pruned "
+              f"{np.percentile(hours, 90):.2f}), idle {np.median(idle):.1%}, longest trial "
+              f"{np.median(longest):.2f} h, pruned "
               f"{np.median(pruned):.0f}/{n_trials}", flush=True)
     result.update({
         "machine": describe(), "command": command(),
@@ -229,6 +306,7 @@ def main() -> None:
             "early_stopping_patience": patience, "pruner": pruner,
             "curves": "curves.csv (MiniLM on a CPU: the shape of learning curves, not DeBERTa's)",
             "trial_overhead_seconds": args.trial_overhead, "draws": args.draws,
+            "poll_seconds": args.poll, "eval_batch_size": eval_batch,
         },
     })
     (RESULTS / "gpu_projection.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -116,6 +116,7 @@ def summary(runs: list[dict], args: argparse.Namespace) -> dict:
 
 def main() -> None:
     from pipeline.common import write_json
+    from pipeline.machine import command, describe
     from pipeline.params import load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -155,7 +156,7 @@ def main() -> None:
                   f"{m['fold_fits_run']}/{m['fold_fits_possible']}, epochs {m['epochs_run']}/"
                   f"{m['epochs_possible']}, pruned {m['n_pruned']}, best {m['best_value']:.4f}",
                   flush=True)
-        result = summary(runs, args)
+        result = {**summary(runs, args), "machine": describe(), "command": command()}
         write_json(args.out, result)  # every finished seed is kept
 
     print(f"\n{'arm':15s} {'wall s':>8s} {'saved':>6s} {'fold fits':>10s} {'epochs':>7s} "

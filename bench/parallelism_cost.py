@@ -1,8 +1,9 @@
 """What ``hpo.parallelism`` costs in sample efficiency: best value after N trials, L = 1 vs more.
 
-Trial k of a study with parallelism L is suggested from the trials up to k - L (finished) and
-those in between (RUNNING, the constant liar), by the stage's own code
-(``pipeline.study.suggest_from_view``, the TPE settings of ``profiles/full.yaml``). Its value
+Trial k of a study with parallelism L is suggested from the trials that ended by its start on the
+study's virtual clock (L virtual workers) and those still running then (the constant liar), by
+the stage's own code (``pipeline.study.Ledger`` and ``suggest_from_view``, the TPE settings of
+``profiles/full.yaml``); trials last 1 to 3 units, drawn per trial. Its value
 comes from a surrogate of the recorded learning-curve table (``bench/results/curves.csv``, 30
 trials of a random search, MiniLM on a CPU): a Gaussian process fitted to each trial's value under
 the full protocol (mean over folds of the last epoch's PR-AUC) on the hyperparameters that
@@ -21,7 +22,6 @@ Usage: ``python bench/parallelism_cost.py [--seeds 20] [--trials 50] [--lags 1 2
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 import warnings
@@ -89,31 +89,27 @@ def study_params(space: dict):
 
 
 def run_study(params, predict, noise: float, seed: int, lag: int, n_trials: int) -> list[float]:
-    """Surrogate values of each trial of one study, and what the study observed."""
+    """Surrogate values of each trial of one study, and what the study observed. Each trial's
+    view comes from the stage's own Ledger (pipeline/study.py) on ``lag`` virtual workers, the
+    trials lasting 1 to 3 units (drawn per trial: lengths differ, as pruning makes them)."""
     from dataclasses import replace
 
-    from pipeline.study import suggest_from_view
+    from pipeline.study import COST, INDEX, Ledger, suggest_from_view
 
     params = replace(params, seed=seed)
-    trials: list[optuna.trial.FrozenTrial] = []
+    attempts: dict[int, list[optuna.trial.FrozenTrial]] = {}
     true, observed = [], []
     rng = np.random.default_rng(seed)
-    now = datetime.datetime(2026, 1, 1)
     for k in range(n_trials):
-        view = [t for t in trials[: max(0, k - lag + 1)]]
-        for t in trials[max(0, k - lag + 1): k]:
-            view.append(optuna.trial.FrozenTrial(
-                number=-1, trial_id=-1, state=optuna.trial.TrialState.RUNNING, value=None,
-                datetime_start=now, datetime_complete=None, params=t.params,
-                distributions=t.distributions, user_attrs={}, system_attrs={},
-                intermediate_values={}))
+        view = Ledger(attempts, max_retries=0, parallelism=lag).view(k)
         hp, values, distributions = suggest_from_view(params, k, view, ["maximize"])
         mean = predict(hp.as_dict())
         value = mean + noise * rng.standard_normal()
         true.append(mean)
         observed.append(value)
-        trials.append(optuna.trial.create_trial(params=values, distributions=distributions,
-                                                value=value))
+        attempts[k] = [optuna.trial.create_trial(
+            params=values, distributions=distributions, value=value,
+            user_attrs={INDEX: k, COST: float(rng.integers(1, 4))})]
     return true, observed
 
 
@@ -172,7 +168,7 @@ def main() -> None:
                                                   strict=True)),
         }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"fold noise {fold_noise:.4f}; wrote {args.out.relative_to(ROOT)} "
+    print(f"fold noise {fold_noise:.4f}; wrote {args.out} "
           f"({out['seconds']:.0f} s)")
 
 

@@ -2,8 +2,9 @@
 
 Both arms run the real hpo stage on the same data, folds, seeds and trials (pruning off, so the
 work is identical); the difference of the mean trial duration is the price of a child process
-per trial (fork-server start, shipping the tokenised data, picking the device). Writes
-``bench/results/trial_isolation.json``.
+per trial (fork-server start, shipping the tokenised data, picking the device; a trial's duration
+is its Optuna start to end, from claim to record). Writes ``bench/results/trial_isolation.json``
+with the machine and the command.
 
 Usage: ``python bench/trial_isolation.py [--repeats 2] [--trials 4]``
 """
@@ -50,6 +51,8 @@ def _child(isolate: bool, trials: int) -> None:
 
 
 def main() -> None:
+    from pipeline.machine import command, describe
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--trials", type=int, default=4)
@@ -69,6 +72,7 @@ def main() -> None:
             durations[arm] += json.loads(line[len("RESULT "):])
     mean = {arm: float(np.mean(d)) for arm, d in durations.items()}
     result = {
+        "machine": describe(), "command": command(),
         "mean_trial_seconds": mean,
         "overhead_seconds_per_trial": mean["child_process"] - mean["in_process"],
         "overhead_fraction": mean["child_process"] / mean["in_process"] - 1,

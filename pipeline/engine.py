@@ -333,6 +333,7 @@ def fine_tune(
     desc: str = "train",
     fault: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     validate_every_epoch: bool = False,
+    tick: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Fine-tune a fresh classifier on ``train_idx``; validate on ``val_idx``.
 
@@ -341,7 +342,9 @@ def fine_tune(
     last epoch is validated (every epoch with ``validate_every_epoch``) and it gives the score.
     ``on_epoch(epoch, record)`` sees every epoch's record; when it answers True the fit stops
     there (``FitResult.stopped``: a pruned trial). ``fault(step, loss) -> loss`` is called at
-    every optimizer step (tests inject failures through it: pipeline/faults.py).
+    every optimizer step (tests inject failures through it: pipeline/faults.py). ``tick(n)``
+    counts the work done: 1 per optimizer step, the batches of each validation (the hpo stage's
+    virtual clock, pipeline/study.py).
     """
     trainer = _Trainer(model_params, train_params, hp, enc, train_idx, seed, device, fault)
     model = trainer.model
@@ -366,6 +369,8 @@ def fine_tune(
                                                f"{desc} epoch {epoch}/{hp.num_train_epochs}",
                                                leave=False)):
                 epoch_loss += trainer.step(batch) * len(batch)
+                if tick is not None:
+                    tick(1)
                 if ((trainer.steps % check_every == 0 or k + 1 == len(batches))
                         and not torch.isfinite(epoch_loss)):
                     where = "at" if check_every == 1 else f"by (checked every {check_every})"
@@ -386,6 +391,8 @@ def fine_tune(
                 start = time.perf_counter()
                 probs = predict(model, enc, val_idx, train_params.eval_batch_size, device)
                 result.eval_seconds += time.perf_counter() - start
+                if tick is not None:
+                    tick(math.ceil(len(val_idx) / train_params.eval_batch_size))
                 scores = classification_metrics(enc.labels[val_idx], probs)
                 record.update({f"val_{k}": v for k, v in scores.items()})
                 improved = scores[monitor] > best_score

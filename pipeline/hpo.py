@@ -18,11 +18,12 @@ run, and the outputs describe the first ``n_trials`` finished trials by index, s
 params alone (pipeline/study_outputs.py).
 
 One trial's path: :class:`Scheduler` takes the lowest index the schedule allows
-(pipeline/study.py: trial k sees the trials up to k - ``hpo.parallelism``), suggests its
-hyperparameters from that view, and starts :func:`pipeline.trial.run_trial` in a process on a free
-slot (pipeline/placement.py); the trial fine-tunes its folds (pipeline/engine.py), prunes itself,
-and hands back one result, which :meth:`Scheduler.record` tells Optuna and MLflow. Up to
-``hpo.n_jobs`` trials run at once; the study is the same at any n_jobs, timing or kill.
+(pipeline/study.py: what trial k sees is decided on a virtual clock with ``hpo.parallelism``
+workers), suggests its hyperparameters from that view, and starts
+:func:`pipeline.trial.run_trial` in a process on a free slot (pipeline/placement.py); the trial
+fine-tunes its folds (pipeline/engine.py), prunes itself, and hands back one result, which
+:meth:`Scheduler.record` tells Optuna and MLflow. Up to ``hpo.n_jobs`` trials run at once; the
+study is the same at any n_jobs, timing or kill.
 
 ``python -m pipeline.hpo --worker`` joins the study that params.yaml defines (same storage, from
 any machine) and runs trials by the same schedule until the study is complete; it writes nothing.
@@ -38,6 +39,7 @@ import hashlib
 import io
 import os
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +60,12 @@ from pipeline.params import Hyperparameters, Params, load_params
 from pipeline.progress import progress
 from pipeline.storage import StudyStorage, worker_identity
 from pipeline.study import (
+    COST,
     DUPLICATE,
     ERROR,
     INDEX,
+    PROGRESS,
+    START,
     Ledger,
     make_pruner,
     study_definition,
@@ -81,7 +86,7 @@ from pipeline.trial import (
     run_trial,
 )
 
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0  # how often the stage reports progress and looks for a trial to start
 PROBE_SECONDS = 10.0  # measured training time of each round of the GPU probe (n_jobs: auto)
 
 
@@ -94,6 +99,9 @@ class Running:
     run_id: str
     slot: placement.Slot
     hp: Hyperparameters
+    seen: tuple  # the COMPLETE trials of its view, for its pruner
+    done: Any = None  # the work done so far (a shared multiprocessing.Value)
+    reported: int = 0  # what the study's ``progress`` attribute says of it
     process: TrialProcess | None = None
     result: TrialResult | None = None  # of a trial run in this process (no isolation)
     heartbeat: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -110,7 +118,8 @@ class Scheduler:
         self.failures: list[str] = []
 
     def ledger(self) -> Ledger:
-        return Ledger.of(self.study, self.params.hpo.max_retries)
+        hpo = self.params.hpo
+        return Ledger.of(self.study, hpo.max_retries, hpo.parallelism)
 
     def run(self, cv: CrossValidation, slots: list[placement.Slot]) -> None:
         """Until the study holds hpo.n_trials finished trials (or too many failed here)."""
@@ -122,12 +131,13 @@ class Scheduler:
         try:
             while True:
                 self.close_dead_trials()
+                self.report_progress(running)
                 ledger = self.ledger()
                 if ledger.done(hpo.n_trials) and not running:
                     break
                 while free and len(self.failures) <= hpo.max_failures and \
-                        (k := ledger.next_index(hpo.n_trials, hpo.parallelism)) is not None:
-                    started = self.claim(k, ledger, free[0])
+                        (k := ledger.next_index(hpo.n_trials)) is not None:
+                    started = self.claim(k, ledger, free[0], context)
                     if started is not None:
                         free.pop(0)
                         running.append(started)
@@ -154,16 +164,16 @@ class Scheduler:
                 f"hpo: {len(self.failures)} trials failed in this run, more than "
                 f"hpo.max_failures={hpo.max_failures}; last: {self.failures[-1]}")
 
-    def claim(self, k: int, ledger: Ledger, slot: placement.Slot) -> Running | None:
+    def claim(self, k: int, ledger: Ledger, slot: placement.Slot,
+              context: Any) -> Running | None:
         """Create the trial at index ``k`` with the hyperparameters its view gives; None when
         another process claimed k first (this attempt is marked duplicate)."""
-        hpo = self.params.hpo
-        view = ledger.view(k, hpo.parallelism)
+        view = ledger.view(k)
         point = self.points[k] if k < len(self.points) else None
         hp, values, distributions = suggest_from_view(self.params, k, view,
                                                       self.study.directions, point)
-        attrs = {INDEX: k, "hyperparameters": hp.as_dict(), "slot": slot.describe(),
-                 **worker_identity(), **self.runs.identity}
+        attrs = {INDEX: k, START: ledger.starts[k], "hyperparameters": hp.as_dict(),
+                 "slot": slot.describe(), **worker_identity(), **self.runs.identity}
         template = FrozenTrial(
             number=-1, trial_id=-1, state=TrialState.RUNNING, value=None,
             datetime_start=datetime.datetime.now(), datetime_complete=None,
@@ -183,7 +193,11 @@ class Scheduler:
             "trial_index": k, **worker_identity()})
         trial.set_user_attr("mlflow_run_id", run_id)
         self.runs.log(run_id, params=hp.as_dict())
-        running = Running(trial, k, run_id, slot, hp)
+        seen = tuple((t.values[0], dict(t.intermediate_values)) for t in view
+                     if t.state == TrialState.COMPLETE)
+        done = context.Value("q", 0, lock=False) if context is not None else \
+            types.SimpleNamespace(value=0)
+        running = Running(trial, k, run_id, slot, hp, seen, done)
         running.heartbeat.enter_context(get_heartbeat_thread(trial_id, storage))
         return running
 
@@ -195,16 +209,21 @@ class Scheduler:
 
     def start(self, r: Running, cv: CrossValidation, context: Any) -> None:
         """Start the trial in its own process (or, without hpo.isolate_trials, run it here)."""
-        ledger = self.ledger()
-        seen = tuple((t.values[0], dict(t.intermediate_values))
-                     for t in ledger.view(r.index, self.params.hpo.parallelism)
-                     if t.state == TrialState.COMPLETE)
-        task = TrialTask(r.index, r.hp, seen, r.slot.threads, self.fault_spec)
+        task = TrialTask(r.index, r.hp, r.seen, r.slot.threads, self.fault_spec)
         if context is None:
             r.slot.enter()
-            r.result = run_trial(cv, task)
+            r.result = run_trial(cv, task, r.done)
         else:
-            r.process = TrialProcess(context, r.slot, run_trial, (cv, task), f"trial-{r.index}")
+            r.process = TrialProcess(context, r.slot, run_trial, (cv, task, r.done),
+                                     f"trial-{r.index}")
+
+    def report_progress(self, running: list[Running]) -> None:
+        """Write the work each running trial has done into the study: a lower bound of its
+        duration, which lets later trials' virtual starts be decided (study.py)."""
+        for r in running:
+            if r.done.value != r.reported:
+                r.reported = r.done.value
+                r.trial.set_user_attr(PROGRESS, r.reported)
 
     def wait(self, running: list[Running]) -> list[Running]:
         """The trials that have ended (an in-process one at once), within POLL_SECONDS."""
@@ -220,7 +239,7 @@ class Scheduler:
         try:
             return r.process.result()
         except ChildProcessError as err:  # the process died: a crash, the OOM killer, a kill
-            return TrialResult(r.index, state="FAIL", reason=str(err))
+            return TrialResult(r.index, state="FAIL", reason=str(err), cost=r.done.value)
 
     def record(self, r: Running, result: TrialResult) -> str:
         """Tell Optuna and MLflow how the trial went: fold runs with per-epoch metrics, fold
@@ -247,8 +266,8 @@ class Scheduler:
                      KILLED if last and result.state == "PRUNED" else FINISHED, at=f.ended)
         for step, value in sorted(result.reports.items()):
             trial.report(value, step)
-        for key, value in {"peak_rss_mb": result.peak_rss_mb, "peak_gpu_mb": result.peak_gpu_mb,
-                           **result.threshold}.items():
+        for key, value in {COST: result.cost, "peak_rss_mb": result.peak_rss_mb,
+                           "peak_gpu_mb": result.peak_gpu_mb, **result.threshold}.items():
             if value is not None:
                 trial.set_user_attr(key, value)
         if result.state == "COMPLETE":

@@ -268,8 +268,8 @@ class HpoParams:
     # Enqueue earlier best points first: a best-params YAML file, or study:<name> (same storage).
     warm_start: StrictStr | None = None
     warm_start_trials: _Positive = 3
-    # The most trials that may run at once: trial k is suggested and pruned knowing the trials
-    # numbered up to k - parallelism (pipeline/hpo.py). Part of the study's definition.
+    # The most trials that run at once: the workers of the study's virtual clock, which decides
+    # what each trial is suggested and pruned from (pipeline/study.py). Part of the study.
     parallelism: _Positive = 1
     # Trial processes this stage runs at once (at most hpo.parallelism; auto: as many as the
     # machine fits). Not part of the study: any value gives the same study.
@@ -288,7 +288,8 @@ class HpoParams:
         _check(jobs == 1 or self.isolate_trials, "hpo.n_jobs",
                "parallel trials run in child processes: needs hpo.isolate_trials: true")
         _check(jobs == "auto" or jobs <= par, "hpo.n_jobs", f"{jobs} trials at once need "
-               f"hpo.parallelism >= {jobs} (it is {par}: trial k waits for trial k - {par})")
+               f"hpo.parallelism >= {jobs} (it is {par}: at most {par} trial"
+               f"{'s' if par > 1 else ''} of the study run{'' if par > 1 else 's'} at once)")
         _check(devices == "auto" or (bool(devices) and min(devices) >= 0), "hpo.devices",
                "must be auto or a non-empty list of CUDA device indices")
         _check(devices == "auto" or len(set(devices)) == len(devices), "hpo.devices",

@@ -7,12 +7,18 @@ extends the same one. How many processes run trials (``hpo.n_jobs``, ``hpo.devic
 ``--worker`` processes) and where the study is stored are not part of it.
 
 **The schedule.** Every trial has an *index* k = 0, 1, 2, ... (user attribute ``index``; in a
-study where no attempt died it equals the Optuna trial number). Trial k is suggested from, and
-pruned against, a frozen view of the study that k alone fixes: the trials with index up to
-k - ``hpo.parallelism`` in their final state, and those in between as RUNNING (the constant liar
-sees their hyperparameters). It may start once the trials up to k - parallelism have ended. The
-sampler is seeded by k. So every trial's hyperparameters, fold scores and state are the same
-whatever the number of processes (up to ``parallelism``), their timing, or a kill and resume.
+study where no attempt died it equals the Optuna trial number). What trial k may see is decided
+on a *virtual clock* that only the trials' outcomes drive, never timing: ``hpo.parallelism``
+virtual workers take the indices in order, each index the worker that frees first, and keep it
+for the trial's virtual duration, its count of training steps and validation batches (user
+attribute ``cost``; a deterministic function of what the trial ran, and on a GPU close to its
+wall time). Trial k is suggested from, and pruned against, the trials that ended on that clock
+by its virtual start; the trials before it that had not are passed as RUNNING (the constant liar
+sees their hyperparameters). The sampler is seeded by k. So every trial's hyperparameters, fold
+scores and state are the same whatever the number of processes, their timing, or a kill and
+resume, while processes start a trial as soon as its virtual start is decided: when the trial
+that frees its worker has ended and every running trial's progress (user attribute
+``progress``, a lower bound of its duration) is past that time.
 
 A trial attempt that died (its process or worker was killed) leaves its index open: the index is
 run again, with the same hyperparameters and seeds, up to ``hpo.max_retries`` times. A trial that
@@ -24,6 +30,7 @@ that claimed the same index at once: the later attempt (higher Optuna number) is
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import warnings
@@ -44,6 +51,9 @@ from pipeline.storage import StudyStorage
 INDEX = "index"  # user attribute: the trial's index in the schedule
 ERROR = "error"  # user attribute of a trial that failed for good (it raised)
 DUPLICATE = "duplicate"  # user attribute of an attempt that lost a race for its index
+COST = "cost"  # user attribute: an ended trial's virtual duration (steps + validation batches)
+PROGRESS = "progress"  # user attribute: the part of it a running attempt has done so far
+START = "virtual_start"  # user attribute: the trial's start on the virtual clock
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # The sampler's warning about the constant liar's experimental `group`; chosen knowingly.
@@ -159,18 +169,20 @@ def _copy(t: FrozenTrial, state: TrialState) -> FrozenTrial:
 
 @dataclass
 class Ledger:
-    """The study as a sequence of trial indices: each index's attempts and where it stands."""
+    """The study as a sequence of trial indices: each index's attempts, where it stands, and the
+    virtual clock that decides what each trial may see (see the module docstring)."""
 
     attempts: dict[int, list[FrozenTrial]]
     max_retries: int
+    parallelism: int = 1
 
     @classmethod
-    def of(cls, study: optuna.Study, max_retries: int) -> Ledger:
+    def of(cls, study: optuna.Study, max_retries: int, parallelism: int = 1) -> Ledger:
         attempts: dict[int, list[FrozenTrial]] = defaultdict(list)
         for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
             if isinstance(t.user_attrs.get(INDEX), int) and not t.user_attrs.get(DUPLICATE):
                 attempts[t.user_attrs[INDEX]].append(t)
-        return cls(dict(attempts), max_retries)
+        return cls(dict(attempts), max_retries, parallelism)
 
     def final(self, k: int) -> FrozenTrial | None:
         """The latest attempt at index ``k`` (None: never started)."""
@@ -216,27 +228,61 @@ class Ledger:
         return self.finished(n_trials) >= n_trials and all(
             self.ended(k) for k in self.considered(n_trials))
 
-    def next_index(self, n_trials: int, parallelism: int) -> int | None:
-        """The lowest open index, if the study still needs it and it may start now (every index
-        up to it - parallelism has ended); None otherwise."""
+    def duration(self, k: int) -> tuple[float, bool]:
+        """Trial k's virtual duration and whether it is final (ended), else a lower bound: the
+        part its running attempt has done (user attribute ``progress``)."""
+        t = self.final(k)
+        if self.ended(k):
+            return (float(t.user_attrs.get(COST, 0.0)) if t is not None else 0.0), True
+        if self.status(k) == "running":
+            return float(t.user_attrs.get(PROGRESS, 0.0)), False
+        return 0.0, False
+
+    @functools.cached_property
+    def starts(self) -> dict[int, float]:
+        """The virtual start of every index whose start is decided, in index order.
+
+        hpo.parallelism virtual workers, all free at 0; each index in turn takes the worker that
+        frees first (the lower worker on ties) and keeps it for its virtual duration. A start is
+        decided once the worker that frees first is known for sure: its trial has ended, and
+        every running trial's lower bound is past that time."""
+        free = [(0.0, True)] * self.parallelism  # per worker: when it frees, and whether final
+        starts: dict[int, float] = {}
+        k = 0
+        while True:
+            final = [(t, w) for w, (t, exact) in enumerate(free) if exact]
+            if not final:
+                break
+            t, w = min(final)
+            if any(not exact and bound <= t for bound, exact in free):
+                break  # a running trial might end first: wait for its progress or its end
+            starts[k] = t
+            if self.status(k) == "open":
+                break
+            length, exact = self.duration(k)
+            free[w] = (t + length, exact)
+            k += 1
+        return starts
+
+    def next_index(self, n_trials: int) -> int | None:
+        """The lowest open index, if the study still needs it and its start is decided; None
+        otherwise."""
         held, k = 0, 0
         while True:
             status = self.status(k)
             if status == "open":
-                if held >= n_trials:
-                    return None
-                ready = all(self.ended(j) for j in range(k - parallelism + 1))
-                return k if ready else None
+                return k if held < n_trials and k in self.starts else None
             held += status in ("running", "complete", "pruned")
             k += 1
 
-    def view(self, k: int, parallelism: int) -> list[FrozenTrial]:
-        """What trial ``k`` may know: the finished trials up to k - parallelism, then the trials
-        up to k - 1 as RUNNING (failed ones left out, as Optuna's samplers ignore them)."""
-        trials = []
+    def view(self, k: int) -> list[FrozenTrial]:
+        """What trial ``k`` may know: the trials that ended (on the virtual clock) by its start,
+        and the others before it as RUNNING, with their hyperparameters (failed ones that ended
+        are left out, as Optuna's samplers ignore them)."""
+        start, trials = self.starts[k], []
         for j in range(k):
-            t = self.final(j)
-            if j <= k - parallelism:
+            t, (length, exact) = self.final(j), self.duration(j)
+            if exact and self.starts[j] + length <= start:
                 if self.status(j) in ("complete", "pruned"):
                     trials.append(_copy(t, t.state))
             elif t is not None:

@@ -85,6 +85,7 @@ class TrialResult:
     folds: list[FoldResult] = field(default_factory=list)
     reports: dict[int, float] = field(default_factory=dict)  # step -> running aggregate
     reason: str | None = None  # why it was pruned, or why it failed
+    cost: int = 0  # its virtual duration: optimizer steps + validation batches (study.py)
     precision: str | None = None
     machine: str | None = None  # pipeline.machine.label() of where it ran
     peak_rss_mb: float | None = None
@@ -235,12 +236,21 @@ class _Run:
         result.objectives = {name: costs[name] for name in self.hpo.objectives}
 
 
-def run_trial(cv: CrossValidation, task: TrialTask) -> TrialResult:
-    """Fine-tune and validate fold by fold, pruning as the study allows; never raises."""
+def run_trial(cv: CrossValidation, task: TrialTask, done: Any = None) -> TrialResult:
+    """Fine-tune and validate fold by fold, pruning as the study allows; never raises.
+
+    ``done`` (a shared ``multiprocessing.Value``, or None) follows the work done, which ends as
+    ``TrialResult.cost``: the stage reads it while the trial runs."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a process of its own
     params, hp = cv.params, task.hp
     result = TrialResult(task.index, started=time.time())
     run = _Run(cv, task, result)
+
+    def tick(n: int) -> None:
+        result.cost += n
+        if done is not None:
+            done.value = result.cost
+
     fold = seed = started = None
     try:
         device = pick_device(params.train.device, task.threads or params.train.cpu_threads,
@@ -256,7 +266,7 @@ def run_trial(cv: CrossValidation, task: TrialTask) -> TrialResult:
                                                                                   record),
                             desc=f"trial {task.index} fold {fold}",
                             fault=faults.for_fold(task.index, fold, task.fault_spec),
-                            validate_every_epoch=run.per_epoch)
+                            validate_every_epoch=run.per_epoch, tick=tick)
             if run.fold(fold, seed, fit, started):
                 break
         fold = None  # past the folds

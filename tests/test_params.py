@@ -219,7 +219,7 @@ def test_parallelism_and_n_jobs(raw):
     assert (params.hpo.n_jobs, params.hpo.parallelism) == (3, 4)
     with pytest.raises(ParamsError, match="^" + re.escape(
             "params.yaml: hpo.n_jobs: 2 trials at once need hpo.parallelism >= 2 (it is 1: "
-            "trial k waits for trial k - 1)") + "$"):
+            "at most 1 trial of the study runs at once)") + "$"):
         parse_params(apply_overrides(raw, {"hpo.n_jobs": 2, "hpo.parallelism": 1}))
     with pytest.raises(ParamsError, match="^params.yaml: hpo.parallelism: must be >= 1$"):
         parse_params(apply_overrides(raw, {"hpo.parallelism": 0}))

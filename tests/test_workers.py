@@ -44,7 +44,7 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     while time.monotonic() < deadline:
         try:
             value = predicate()
-        except (KeyError, AssertionError, IndexError, OperationalError):  # not created yet
+        except (KeyError, AssertionError, IndexError, StopIteration, OperationalError):  # not yet
             value = None
         if value:
             return value

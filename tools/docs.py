@@ -647,11 +647,12 @@ def gpu_projection(src: Sources) -> str:
         return "*No `bench/results/gpu_projection.json` yet.*"
     i = d["inputs"]
     rows = [[f"`{name}`", num(hours, 2), pct(d["idle_fraction"][name]),
-             num(d["pruned_trials"][name], 0), pct(d["epochs_run_fraction"][name])]
+             num(d["longest_trial_hours"][name], 2), num(d["pruned_trials"][name], 0),
+             pct(d["epochs_run_fraction"][name])]
             for name, hours in d["projected_hours"].items()]
     c = i["corpus"]
-    return (table(["schedule", "projected hours", "idle slots", "pruned trials",
-                   "epochs run"], rows, "lrrrr")
+    return (table(["schedule", "projected hours", "idle slots", "longest trial (h)",
+                   "pruned trials", "epochs run"], rows, "lrrrrr")
             + f"\n\n{i['trials']} trials × {i['folds']} folds, {i['processes']} processes "
               f"(batch {', '.join(map(str, i['batches']))}; epochs {i['epochs'][0]}–"
               f"{i['epochs'][1]}), {num(c['train_samples_per_epoch'], 0)} training samples and "
@@ -661,13 +662,30 @@ def gpu_projection(src: Sources) -> str:
             + measured(d, "bench/results/gpu_projection.json"))
 
 
+def parallelism_cost_short(src: Sources) -> str:
+    """One line: what the largest parallelism measured costs after the most trials."""
+    d = src.json("bench/results/parallelism_cost.json")
+    if d is None:
+        return "*No `bench/results/parallelism_cost.json` yet.*"
+    s = d["setup"]
+    lag = max(d["parallelism"], key=int)
+    n = str(s["checkpoints"][-1])
+    regret = d["parallelism"][lag]["regret_vs_sequential_mean"][n]
+    return (f"Cost in sample efficiency: at `parallelism: {lag}` the trial picked after {n} "
+            f"trials scores {num(regret, 4, sign=True)} below one-at-a-time on average "
+            f"({num(regret / s['fold_noise'], 2)} × the fold noise; {s['seeds']} seeds on a "
+            "surrogate of the recorded learning curves, "
+            "[docs/parallel.md](docs/parallel.md#what-it-costs)).")
+
+
 def gpu_projection_hours(src: Sources) -> str:
     """The full profile's projected hours on one H200, per schedule (short form)."""
     d = src.json("bench/results/gpu_projection.json")
     if d is None:
         return "*No `bench/results/gpu_projection.json` yet.*"
     names = {"one_at_a_time": "one trial at a time", "schedule": "8 processes, MPS",
-             "schedule_no_mps": "8 processes, no MPS"}
+             "schedule_no_mps": "8 processes, no MPS",
+             "schedule_batch_16_32": "8 processes, MPS, batch 16/32 only"}
     rows = [[label, f"{num(d['projected_hours'][key], 1)} h"] for key, label in names.items()]
     return (table(["full profile, 50 trials × 5 folds", "projected"], rows, "lr")
             + "\n\nDetails and the waves it replaces: "
@@ -681,7 +699,8 @@ TABLES: dict[str, Callable[[Sources], str]] = {
         recipe_curves, results_files, throughput, throughput_profile, curves_table,
         pruning_replay, pruning_variants, hpo_efficiency, study_speed, parallelism_cost,
         trial_isolation,
-        gpu_check, gpu_jobs, cpu_bf16, gpu_projection, gpu_projection_hours)
+        gpu_check, gpu_jobs, cpu_bf16, gpu_projection, gpu_projection_hours,
+        parallelism_cost_short)
 }
 
 
