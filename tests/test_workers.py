@@ -145,7 +145,9 @@ def test_journal_storage_shared_by_the_stage_and_a_worker_is_the_same_study(repo
     _set(repo, n_trials=4, parallelism=2, storage=f"journal:{journal}")
     run(["dvc", "repro", "prepare"], repo)
     worker = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo)
-    run(["dvc", "repro"], repo)
+    # trial 0 pauses 20 s after its first step (timing only): by then its progress lets trial 1
+    # start (parallelism 2), and the worker is up to take it
+    run(["dvc", "repro"], repo, env={"PIPELINE_FAULT": "delay@trial=0,fold=0,step=2,ms=20000"})
     assert worker.wait(timeout=300) == 0, worker.stderr.read()
     study = _study(repo, f"sqlite:///{repo / 'artifacts/hpo/study.db'}")  # the snapshot
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]

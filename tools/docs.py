@@ -204,6 +204,35 @@ def repro_times(src: Sources) -> str:
             + ". Source: `bench/results/repro_times.json`.")
 
 
+def repro_metrics(src: Sources) -> str:
+    """What ``make repro`` gives on each machine kind: the same code, another precision or
+    kernel, other numbers; with the committed run's 95% intervals where recorded."""
+    runs = [r for r in src.json("bench/results/repro_times.json")["runs"] if r.get("metrics")]
+    committed = next((r for r in runs if r.get("committed")), None)
+    intervals = (committed or {}).get("intervals", {})
+    keys = [("pr_auc", "test PR-AUC"), ("pos_f1", "test pos_f1 at 0.5"),
+            ("best_value", "hpo best value"), ("tuned_threshold", "tuned threshold")]
+
+    def cell(r: dict, key: str) -> str:
+        value = r["metrics"].get(key)
+        text = num(value)
+        low_high = intervals.get(key)
+        if r is committed:
+            return f"**{text}**" + (f" [{num(low_high[0])}, {num(low_high[1])}]"
+                                    if low_high else "")
+        if low_high and value is not None and not low_high[0] <= value <= low_high[1]:
+            text += " (outside)"
+        return text
+
+    rows = [[machine_label(r["machine"]), r.get("precision", DASH),
+             *[cell(r, k) for k, _ in keys], r.get("metrics_source", DASH)] for r in runs]
+    return (table(["machine", "precision", *[label for _, label in keys], "from"], rows,
+                  "llrrrrl")
+            + "\n\nBold: the committed `metrics/` (95% bootstrap intervals over test posts from "
+              "`make report`); \"outside\": a value outside that interval. "
+              "Source: `bench/results/repro_times.json`.")
+
+
 def _metrics_machine(src: Sources, rel: str = "metrics/eval.json") -> str:
     ev = src.json(rel)
     machine = ev.get("machine") or f"not recorded in `{rel}`"
@@ -671,10 +700,10 @@ def parallelism_cost_short(src: Sources) -> str:
     lag = max(d["parallelism"], key=int)
     n = str(s["checkpoints"][-1])
     regret = d["parallelism"][lag]["regret_vs_sequential_mean"][n]
-    return (f"Cost in sample efficiency: at `parallelism: {lag}` the trial picked after {n} "
-            f"trials scores {num(regret, 4, sign=True)} below one-at-a-time on average "
-            f"({num(regret / s['fold_noise'], 2)} × the fold noise; {s['seeds']} seeds on a "
-            "surrogate of the recorded learning curves, "
+    return (f"What it costs in sample efficiency: at `parallelism: {lag}` the trial a study picks "
+            f"after {n} trials differs from one trial at a time's by {num(-regret, 4, sign=True)}"
+            f" on average ({num(abs(regret) / s['fold_noise'], 2)} × the fold noise; "
+            f"{s['seeds']} seeds on a surrogate of the recorded learning curves: "
             "[docs/parallel.md](docs/parallel.md#what-it-costs)).")
 
 
@@ -695,7 +724,8 @@ def gpu_projection_hours(src: Sources) -> str:
 
 TABLES: dict[str, Callable[[Sources], str]] = {
     f.__name__: f for f in (
-        stages, stage_io, modules, repro_times, metrics, per_criterion, study, seed7,
+        stages, stage_io, modules, repro_times, repro_metrics, metrics, per_criterion, study,
+        seed7,
         recipe_curves, results_files, throughput, throughput_profile, curves_table,
         pruning_replay, pruning_variants, hpo_efficiency, study_speed, parallelism_cost,
         trial_isolation,
