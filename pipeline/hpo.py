@@ -357,6 +357,16 @@ def plan(params: Params, study: optuna.Study, cv: CrossValidation,
     return slots
 
 
+def probe_together(context: Any, cv: CrossValidation, hp: Hyperparameters,
+                   slots: list[placement.Slot], seconds: float) -> list[dict[str, float]]:
+    """One probe process per slot, measuring together (a barrier between warm-up and the
+    measured ``seconds``): each one's samples/s and footprint (trial.probe)."""
+    barrier = context.Barrier(len(slots))
+    processes = [TrialProcess(context, slot, probe, (cv, hp, seconds, barrier.wait),
+                              f"probe-{slot.index}") for slot in slots]
+    return [p.result() for p in processes]
+
+
 def gpu_probe(params: Params, cv: CrossValidation, gpu: int, auto: bool) -> dict[str, Any]:
     """One process's GPU footprint at the space's largest batch, and with ``auto`` how many
     processes the GPU runs best (placement.gpu_jobs), measured in probe processes."""
@@ -366,11 +376,8 @@ def gpu_probe(params: Params, cv: CrossValidation, gpu: int, auto: bool) -> dict
     hp = probe_point(params)
 
     def measure(n: int) -> list[dict[str, float]]:
-        barrier = context.Barrier(n)
-        processes = [TrialProcess(context, placement.Slot(i, cuda=gpu), probe,
-                                  (cv, hp, PROBE_SECONDS, barrier.wait), f"probe-{i}")
-                     for i in range(n)]
-        return [p.result() for p in processes]
+        return probe_together(context, cv, hp, [placement.Slot(i, cuda=gpu) for i in range(n)],
+                              PROBE_SECONDS)
 
     free = torch.cuda.mem_get_info(gpu)[0] / 2**20
     if auto:

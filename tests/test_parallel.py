@@ -246,3 +246,22 @@ def test_gpu_auto_adds_processes_while_throughput_rises():
     # and hpo.parallelism does (the last round tries the limit itself)
     n, trace = placement.gpu_jobs(measure({**h200, 3: 1000.0}, 3200.0), 140_000.0, limit=3)
     assert n == 3 and [t["processes"] for t in trace] == [1, 2, 3]
+
+
+def test_probe_processes_measure_together(params):
+    # the GPU probe's plumbing (processes on their slots, a barrier between warm-up and the
+    # measured seconds, one result each), run on the CPU where it can run here
+    from pipeline.engine import encode_pairs
+    from pipeline.inputs import read_split
+    from pipeline.model import load_tokenizer
+    from pipeline.trial import CrossValidation, fork_server
+
+    train = read_split(params.paths.pairs, "train")
+    enc = encode_pairs(load_tokenizer(params.model.name), train["criterion"], train["sentence"],
+                       train["label"], params.model.max_length)
+    cv = CrossValidation.build(params, enc, train["fold"].to_numpy())
+    slots = [placement.Slot(i, cpus=(i,), threads=1) for i in range(min(2, CORES))]
+    found = hpo.probe_together(fork_server(params.model.name), cv, hpo.probe_point(params),
+                               slots, seconds=0.5)
+    assert len(found) == len(slots)
+    assert all(r["samples_per_second"] > 0 and "footprint_mb" in r for r in found)
