@@ -42,7 +42,11 @@ HARDWARE = ("machine", "device", "precision", "cpu_capability")
 
 
 def _cmd(args: list[str]) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise StageError(f"report: `{args[0]}` not found: run `make report`, or activate the "
+                         "environment first (source .venv/bin/activate)") from err
     if proc.returncode:
         raise StageError(f"report: `{' '.join(args)}` failed: {proc.stderr.strip()[-500:]}")
     return proc.stdout
