@@ -59,6 +59,8 @@ data: install
 repro: data
 	$(BIN)/dvc repro
 
+# make test: every test. make test-fast: the tests not marked slow (slow: real studies, stage
+# processes, `dvc repro` / `dvc exp run`, kills), in about half a minute.
 test: data
 	$(BIN)/python -m pytest
 

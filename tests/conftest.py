@@ -74,6 +74,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer, loaded once for the whole run (tests only read it)."""
+    from pipeline.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
 def tiny_overrides(model_dir: Path) -> dict:
     """Dotted params.yaml keys -> values for a run that takes seconds."""
     return {
@@ -143,9 +151,9 @@ def workdir(tmp_path, tiny_params, monkeypatch) -> Path:
     return tmp_path
 
 
-def _repo(dest: Path, params: dict) -> Path:
+def make_repo(dest: Path, params: dict) -> Path:
     """A git + DVC repository at ``dest`` copied from this checkout, with ``params`` and a small
-    corpus, committed."""
+    corpus, committed (nothing run yet)."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
@@ -170,7 +178,7 @@ def _repo(dest: Path, params: dict) -> Path:
 @pytest.fixture
 def repo_copy(tmp_path, tiny_params) -> Path:
     """A git + DVC repository copied from this checkout, with tiny params and a small corpus."""
-    return _repo(tmp_path / "repo", tiny_params)
+    return make_repo(tmp_path / "repo", tiny_params)
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -188,7 +196,7 @@ def reproduced_template(tmp_path_factory, tiny_model_dir) -> Path:
     (HEAD~1). Built once per session; tests only read it or take a `reproduced` copy, and the
     session fails if its MLflow store or artifacts changed (a copy that wrote into them)."""
     params = apply_overrides(load_yaml(ROOT / "params.yaml"), tiny_overrides(tiny_model_dir))
-    repo = _repo(tmp_path_factory.mktemp("reproduced") / "repo", params)
+    repo = make_repo(tmp_path_factory.mktemp("reproduced") / "repo", params)
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "tiny results"], repo)
@@ -226,19 +234,24 @@ def _relocate_mlflow_store(db: Path, old: Path, new: Path) -> None:
     assert not left and location == (new / "mlartifacts").as_uri(), (left, location)
 
 
-@pytest.fixture
-def reproduced(tmp_path, reproduced_template) -> Path:
-    """A copy of ``reproduced_template`` (git history, DVC cache, outputs, study, MLflow store
-    with its artifacts): the state right after `dvc repro` and a commit, without paying for the
-    run again. DVC's temporary folder (locks, its own bookkeeping) is not copied."""
-    dest = tmp_path / "repo"
+def copy_workspace(src: Path, dest: Path) -> Path:
+    """A copy of the reproduced workspace ``src`` at ``dest`` (git history, DVC cache, outputs,
+    study, MLflow store with its artifacts, the store relocated to the copy). DVC's temporary
+    folder (locks, its own bookkeeping, queued experiments) is not copied."""
 
     def skip_dvc_tmp(folder: str, names: list[str]) -> list[str]:
-        return ["tmp"] if Path(folder) == reproduced_template / ".dvc" else []
+        return ["tmp"] if Path(folder) == src / ".dvc" else []
 
-    shutil.copytree(reproduced_template, dest, symlinks=True, ignore=skip_dvc_tmp)
-    _relocate_mlflow_store(dest / "mlflow.db", reproduced_template, dest)
+    shutil.copytree(src, dest, symlinks=True, ignore=skip_dvc_tmp)
+    _relocate_mlflow_store(dest / "mlflow.db", src, dest)
     return dest
+
+
+@pytest.fixture
+def reproduced(tmp_path, reproduced_template) -> Path:
+    """A copy of ``reproduced_template``: the state right after `dvc repro` and a commit,
+    without paying for the run again."""
+    return copy_workspace(reproduced_template, tmp_path / "repo")
 
 
 @pytest.fixture

@@ -1,18 +1,24 @@
 """Bad input, the way a user meets it: the stage exits non-zero with one line naming the file,
-row, column or param, and leaves no output behind that DVC could record as a success."""
+row, column or param, and leaves no output behind that DVC could record as a success.
+
+Every case runs the stage's ``main`` here, through the same error boundary as its process
+(``run_stage``); a few run ``python -m pipeline.prepare`` and `dvc repro` as processes, for what
+only a process shows (its exit status, all of its stderr, DVC's record of the failure).
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 from conftest import dump_yaml, load_yaml, run
-
-pytestmark = pytest.mark.slow
+from pipeline import prepare
+from pipeline.common import run_stage
 
 POSTS, ANNOTATIONS, CRITERIA = "redsm5_posts.csv", "redsm5_annotations.csv", "dsm5_criteria.json"
 
@@ -117,48 +123,89 @@ def _stage(workdir: Path, stage: str):
     return run([sys.executable, "-m", f"pipeline.{stage}"], workdir, check=False, timeout=300)
 
 
+def _prepare_here(workdir: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """prepare's main in this process, in ``workdir``: its exit status and what it wrote to
+    stderr. A warning it raises fails the test, as it would print in its own process (Python's
+    default filters: deprecations are silent there)."""
+    monkeypatch.chdir(workdir)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for silent in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                       ResourceWarning):
+            warnings.simplefilter("ignore", silent)
+        with pytest.raises(SystemExit) as exit_:
+            run_stage(prepare.main)
+    return exit_.value.code, capsys.readouterr().err
+
+
 def _outputs(workdir: Path) -> list[str]:
     return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
                   if p.is_file() and p.parts[len(workdir.parts)] in ("artifacts", "metrics"))
 
 
-@pytest.mark.parametrize("case", DATA_CASES, ids=list(DATA_CASES))
-def test_bad_data_file(pristine, tmp_path, case):
-    workdir = tmp_path / "w"
-    shutil.copytree(pristine, workdir)
+def _bad_data(pristine: Path, dest: Path, case: str) -> tuple[Path, str]:
+    """A copy of ``pristine`` with the data file edit of ``case``, and the expected message."""
+    shutil.copytree(pristine, dest)
     edit, message = DATA_CASES[case]
-    edit(workdir / "data")
-    proc = _stage(workdir, "prepare")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("ERROR: ")
-    assert _outputs(workdir) == []
-    print(f"{case}: {proc.stderr.strip()}")
+    edit(dest / "data")
+    return dest, message
 
 
-@pytest.mark.parametrize("case", PARAMS_CASES, ids=list(PARAMS_CASES))
-def test_bad_params(pristine, tmp_path, case):
-    workdir = tmp_path / "w"
-    shutil.copytree(pristine, workdir)
+def _bad_params(pristine: Path, dest: Path, case: str) -> tuple[Path, str]:
+    """A copy of ``pristine`` with the params.yaml edit of ``case``, and the expected message."""
+    shutil.copytree(pristine, dest)
     (section, key, value), message = PARAMS_CASES[case]
-    params = load_yaml(workdir / "params.yaml")
+    params = load_yaml(dest / "params.yaml")
     node = params
     for part in section.split("."):
         node = node[part]
     node[key] = value
-    dump_yaml(workdir / "params.yaml", params)
-    proc = _stage(workdir, "prepare")  # every stage validates all of params.yaml first
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    dump_yaml(dest / "params.yaml", params)
+    return dest, message
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=list(DATA_CASES))
+def test_bad_data_file(pristine, tmp_path, monkeypatch, capsys, case):
+    workdir, message = _bad_data(pristine, tmp_path / "w", case)
+    code, err = _prepare_here(workdir, monkeypatch, capsys)
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err
+    assert err.strip().startswith("ERROR: ") and "\n" not in err.strip()
     assert _outputs(workdir) == []
-    print(f"{case}: {proc.stderr.strip()}")
+    print(f"{case}: {err.strip()}")
 
 
-def test_dvc_records_nothing_when_a_stage_fails(repo_copy):
-    repo = repo_copy
-    run(["dvc", "repro", "prepare"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "prepared"], repo)
+@pytest.mark.parametrize("case", PARAMS_CASES, ids=list(PARAMS_CASES))
+def test_bad_params(pristine, tmp_path, monkeypatch, capsys, case):
+    workdir, message = _bad_params(pristine, tmp_path / "w", case)
+    # prepare: every stage validates all of params.yaml first
+    code, err = _prepare_here(workdir, monkeypatch, capsys)
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err
+    assert err.strip().startswith("ERROR: ") and "\n" not in err.strip()
+    assert _outputs(workdir) == []
+    print(f"{case}: {err.strip()}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("bad", "case"), [(_bad_data, "unknown symptom"),
+                                           (_bad_params, "unknown key (-S hpo.ntrials=5)")],
+                         ids=["data", "params"])
+def test_the_stage_process_exits_2_with_one_line(pristine, tmp_path, bad, case):
+    """What the in-process cases cannot see: the process's exit status and all of its stderr,
+    imports included."""
+    workdir, message = bad(pristine, tmp_path / "w", case)
+    proc = _stage(workdir, "prepare")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("ERROR: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr and proc.stdout == ""
+    assert _outputs(workdir) == []
+
+
+@pytest.mark.slow
+def test_dvc_records_nothing_when_a_stage_fails(reproduced):
+    repo = reproduced  # every stage ran and its results are committed
     lock = (repo / "dvc.lock").read_text()
     data = repo / "data" / ANNOTATIONS
     data.write_text(data.read_text() + "s_1000_40,x,Hi.,TIRED,1,x\n", encoding="utf-8")

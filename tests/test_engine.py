@@ -20,7 +20,7 @@ from pipeline.engine import (
     predict,
     subsample_negatives,
 )
-from pipeline.model import load_tokenizer, pick_device
+from pipeline.model import pick_device
 from pipeline.params import ModelParams, TrainParams
 
 HP = Hyperparameters(learning_rate=1e-3, per_device_train_batch_size=8, num_train_epochs=1,
@@ -59,8 +59,8 @@ def test_subsample_negatives_keeps_every_positive():
     assert len(subsample_negatives(labels, idx, 0, seed=1)) == 210
 
 
-def test_only_the_sentence_is_truncated(tiny_model_dir):
-    tok = load_tokenizer(str(tiny_model_dir))
+def test_only_the_sentence_is_truncated(tiny_tokenizer):
+    tok = tiny_tokenizer
     criterion = "Insomnia or sleeping too much nearly every day."
     enc = encode_pairs(tok, [criterion], ["word " * 200], [1], max_length=32)
     ids = enc.input_ids[0]
@@ -83,8 +83,8 @@ def test_losses():
 
 
 @pytest.fixture
-def tiny(tiny_model_dir):
-    tok = load_tokenizer(str(tiny_model_dir))
+def tiny(tiny_model_dir, tiny_tokenizer):
+    tok = tiny_tokenizer
     rng = np.random.default_rng(0)
     words = ["sad", "sleep", "tired", "food", "happy", "work", "cat", "die", "focus", "slow"]
     sentences = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(96)]

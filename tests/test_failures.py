@@ -30,6 +30,7 @@ def _study(params) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{Path(params.paths.study_db)}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "reason", "isolate"),
     [
@@ -64,6 +65,7 @@ def test_a_failing_trial_fails_and_the_study_goes_on(params, monkeypatch, fault,
         assert folds and all(f.info.status == "FAILED" for f in folds)
 
 
+@pytest.mark.slow
 def test_the_study_is_tokenised_once(params):
     before = ENCODE_STATS["calls"]
     metrics = hpo.run(params)
@@ -71,6 +73,7 @@ def test_the_study_is_tokenised_once(params):
     assert ENCODE_STATS["calls"] - before == 1  # ... one tokenisation
 
 
+@pytest.mark.slow
 def test_journal_storage_and_its_snapshot(params, workdir):
     journal = workdir / "artifacts" / "hpo" / "study.journal"
     metrics = hpo.run(_hpo(params, storage=f"journal:{journal}"))

@@ -106,6 +106,7 @@ def test_study_name_is_a_fingerprint_of_the_objective(params):
     assert named(name="none") == named(name="none", report="epoch", n_startup_trials=9)
 
 
+@pytest.mark.slow
 def test_run_writes_outputs_logs_the_run_tree_and_resumes(params):
     metrics = hpo.run(params)
     assert metrics["n_complete"] + metrics["n_pruned"] == 2
@@ -160,6 +161,7 @@ def test_run_writes_outputs_logs_the_run_tree_and_resumes(params):
     assert len(_study(params).trials) == 3
 
 
+@pytest.mark.slow
 def test_pruning_is_fed_once_per_fold(params):
     params = _hpo(params, pruner=replace(params.hpo.pruner, n_startup_trials=1))
     # A finished trial that scored a perfect 1.0 on fold 0: any real trial is below the median
@@ -176,6 +178,7 @@ def test_pruning_is_fed_once_per_fold(params):
     assert run.data.tags["pruned_reason"] == f"{how} {value:.4f} after fold 0"
 
 
+@pytest.mark.slow
 def test_per_epoch_reports_prune_inside_a_fold(params):
     # 2 epochs per fold, a report after each (steps 1..4); a finished trial scored a perfect 1.0
     # at every step, so a real trial is pruned at its first epoch, half-way through fold 0.
@@ -200,6 +203,7 @@ def test_per_epoch_reports_prune_inside_a_fold(params):
     assert [(r["fold"], r["state"], r["epochs_run"]) for r in rows] == [("0", "PRUNED", "1")]
 
 
+@pytest.mark.slow
 def test_percentile_pruner_prunes_a_trial_outside_the_kept_percentile(params):
     # Finished trials scored 1.0, 0.0 and 0.0 on fold 0: a real trial beats their median (0.0),
     # so the median pruner would keep it, but a percentile pruner keeping the top 10% prunes it.
@@ -242,6 +246,7 @@ def test_a_non_finite_validation_score_stops_the_trial_and_says_where(params, re
         run.fold(0, 1, Fit(), 0.0)
 
 
+@pytest.mark.slow
 def test_a_failing_trial_fails_with_its_reason_and_never_prunes(params):
     # A learning rate no validator would let through: the loss diverges inside the trial.
     space = dict(params.hpo.search_space)

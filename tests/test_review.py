@@ -60,26 +60,36 @@ def test_multi_objective_takes_the_cheapest_pareto_trial_within_noise(params):
     assert record["pareto_trials"] == [0, 1, 2] and record["cost"] == "epochs"
 
 
-def test_best_params_survive_dvc_lock_rewrites():
-    # DVC writes retrain's params into dvc.lock and rewrites dvc.lock (ruamel.yaml round trip)
-    # after every later stage; the learning rate of a fresh `make repro` came back one digit off,
-    # and `dvc status` called retrain changed.
+def _through_lock(values: dict) -> dict:
+    """``values`` after what DVC does to retrain's params in dvc.lock: written, then rewritten
+    (ruamel.yaml round trip) after every later stage, then read."""
     from dvc.utils.serialize import dumps_yaml, parse_yaml, parse_yaml_for_update
 
-    def through_lock(values: dict) -> dict:
-        text = dumps_yaml(values)
-        for _ in range(2):
-            text = dumps_yaml(parse_yaml_for_update(text, "dvc.lock"))
-        return parse_yaml(text, "dvc.lock")
+    text = dumps_yaml(values)
+    for _ in range(2):
+        text = dumps_yaml(parse_yaml_for_update(text, "dvc.lock"))
+    return parse_yaml(text, "dvc.lock")
 
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="DVC's dvc.lock round trip changes a float's last digit; when this "
+                          "passes, hyperparameters()'s workaround can go")
+def test_dvc_lock_round_trip_keeps_a_float():
+    # the learning rate of a fresh `make repro` came back one digit off, and `dvc status` called
+    # retrain changed
     raw = {"learning_rate": 4.797485674370245e-05}
-    assert through_lock(raw) != raw  # DVC's behaviour (if this fails, the workaround can go)
+    assert _through_lock(raw) == raw
+
+
+def test_best_params_survive_dvc_lock_rewrites():
+    # DVC writes retrain's params into dvc.lock and rewrites it after every later stage
+    # (test_dvc_lock_round_trip_keeps_a_float): the values export_best writes come back equal.
     hp = hyperparameters({"params_learning_rate": "4.797485674370245e-05",
                           "params_warmup_ratio": "0.06708664415160329",
                           "params_num_train_epochs": "8", "params_loss_function": "focal"})
     assert hp["learning_rate"] == pytest.approx(4.797485674370245e-05, rel=1e-11)
     assert hp["num_train_epochs"] == 8 and hp["loss_function"] == "focal"
-    assert through_lock(hp) == hp
+    assert _through_lock(hp) == hp
 
 
 def test_best_f1_threshold_maximises_f1():
