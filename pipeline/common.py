@@ -4,6 +4,7 @@ main(). No torch here: the report and other light tools import it."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -102,3 +103,7 @@ def run_stage(main: Callable[[], Any]) -> None:
     except (ParamsError, DataError, StageError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # The interpreter's last collection at exit walks every object torch, transformers and
+        # MLflow made, 1-2 s per stage process; the outputs are written and closed by now.
+        gc.freeze()

@@ -193,13 +193,15 @@ def test_postgres_stage_and_worker_then_a_worker_killed_mid_trial(repo_copy, pos
     _set(repo, n_trials=6)
     hanging = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo,
                      {**env, "PIPELINE_FAULT": "hang@trial=-1"})
-    victim = _wait_for(
-        lambda: next(t for t in _study(repo, postgres_url).trials if t.state.name == "RUNNING"
-                     and t.user_attrs.get("worker_pid") == hanging.pid
-                     and t.user_attrs.get("mlflow_run_id")), 120,  # set after worker_pid
-        "the worker's trial to be running with its MLflow run")
-    os.killpg(hanging.pid, signal.SIGKILL)
-    hanging.wait()
+    try:
+        victim = _wait_for(
+            lambda: next(t for t in _study(repo, postgres_url).trials if t.state.name == "RUNNING"
+                         and t.user_attrs.get("worker_pid") == hanging.pid
+                         and t.user_attrs.get("mlflow_run_id")), 120,  # set after worker_pid
+            "the worker's trial to be running with its MLflow run")
+    finally:  # a failed wait must not leave the hanging worker behind
+        os.killpg(hanging.pid, signal.SIGKILL)
+        hanging.wait()
     start = time.perf_counter()
     run(["dvc", "repro", "hpo"], repo, env=env)
     second_seconds = time.perf_counter() - start
