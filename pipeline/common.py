@@ -82,7 +82,8 @@ def round_floats(obj: Any, digits: int = 6) -> Any:
 def workspace_root() -> Path:
     """The DVC repository root, also from inside a queued experiment's temporary copy: DVC_ROOT
     (DVC sets it for every stage, to the *main* repository for a ``dvc exp run --queue`` copy
-    under ``.dvc/tmp/exps``), else the nearest folder with a ``.dvc`` directory, else the cwd."""
+    under ``.dvc/tmp/exps``), else DVC's own ``Repo.find_root`` (the nearest folder with a
+    ``.dvc`` directory), else the cwd."""
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
     cwd = Path.cwd().resolve()
@@ -90,10 +91,13 @@ def workspace_root() -> Path:
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
-    for directory in (cwd, *cwd.parents):
-        if (directory / ".dvc").is_dir():
-            return directory
-    return cwd
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        return Path(Repo.find_root(str(cwd))).resolve()
+    except NotDvcRepoError:
+        return cwd
 
 
 def run_stage(main: Callable[[], Any]) -> None:
