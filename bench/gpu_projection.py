@@ -16,7 +16,7 @@ result:
   startup trials) stop trials as they would. A pruning decision sees what its schedule lets it
   see: one at a time, all earlier trials; waves, the earlier waves; the schedule, the trials
   that ended on the study's virtual clock by the trial's virtual start (pipeline/study.py: a
-  trial lasts its optimizer steps + validation batches). Every trial also pays a process start
+  trial lasts its optimizer steps + validation units). Every trial also pays a process start
   and model load (``--trial-overhead``).
 * Schedules: ``one_at_a_time`` (n_jobs 1, today's ``make full`` before parallel trials),
   ``waves`` (n_jobs N, a wave lasts its slowest trial, trials see earlier waves) and ``schedule``
@@ -56,7 +56,7 @@ class Trial:
     requested: int  # num_train_epochs
     epochs: list[int]  # epochs run per fold run (early stopping, pruning)
     pruned: bool
-    cost: float = 0.0  # virtual duration: optimizer steps + validation batches (study.py)
+    cost: float = 0.0  # virtual duration: optimizer steps + validation units (study.py)
 
 
 def profile() -> dict:
@@ -259,11 +259,11 @@ def main() -> None:
             # the same with batch 8 left out of the search space: what bounds the study is its
             # longest complete trial, and batch 8 trains slowest
             "schedule_batch_16_32": (f"mps_jobs{n}", n, "schedule", [b for b in batches if b > 8])}
-    eval_batch = full["train.eval_batch_size"]
+    from pipeline.engine import VALIDATION_UNIT
 
-    def units_per_epoch(batch: int) -> float:  # optimizer steps + validation batches
+    def units_per_epoch(batch: int) -> float:  # optimizer steps + validation units
         return (math.ceil(data["train_samples_per_epoch"] / batch)
-                + math.ceil(data["validation_pairs_per_fold"] / eval_batch))
+                + math.ceil(data["validation_pairs_per_fold"] / VALIDATION_UNIT))
     result = {"projected_hours": {}, "idle_fraction": {}, "pruned_trials": {},
               "epochs_run_fraction": {}, "longest_trial_hours": {}}
     for name, (run, n_jobs, kind, arm_batches) in arms.items():
@@ -299,14 +299,14 @@ def main() -> None:
             "gpu_table_machine": jobs.get("machine", jobs["setup"].get("machine")),
             "training_samples_per_second": {
                 run: {b: c["samples_per_second"] for b, c in jobs["runs"][run]["batches"].items()}
-                for run in {a[0] for a in arms.values()}},
+                for run in sorted({a[0] for a in arms.values()})},
             "inference_pairs_per_second_one_process": infer_one,
             "corpus": data, "trials": n_trials, "folds": n_folds, "processes": n,
             "batches": batches, "epochs": [space["low"], space["high"]],
             "early_stopping_patience": patience, "pruner": pruner,
             "curves": "curves.csv (MiniLM on a CPU: the shape of learning curves, not DeBERTa's)",
             "trial_overhead_seconds": args.trial_overhead, "draws": args.draws,
-            "poll_seconds": args.poll, "eval_batch_size": eval_batch,
+            "poll_seconds": args.poll, "validation_unit_pairs": VALIDATION_UNIT,
         },
     })
     (RESULTS / "gpu_projection.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -40,6 +40,9 @@ BUCKET_BATCHES = 50
 # On CUDA, how many optimizer steps pass between checks of the loss for NaN/inf (each check is a
 # host-device sync). On a CPU every step is checked: it costs nothing there.
 LOSS_CHECK_STEPS = 50
+# The work a validation counts on the hpo stage's virtual clock (pipeline/study.py): one unit per
+# this many pairs. A constant, not train.eval_batch_size, which is not part of the study.
+VALIDATION_UNIT = 256
 
 
 @dataclass
@@ -343,8 +346,8 @@ def fine_tune(
     ``on_epoch(epoch, record)`` sees every epoch's record; when it answers True the fit stops
     there (``FitResult.stopped``: a pruned trial). ``fault(step, loss) -> loss`` is called at
     every optimizer step (tests inject failures through it: pipeline/faults.py). ``tick(n)``
-    counts the work done: 1 per optimizer step, the batches of each validation (the hpo stage's
-    virtual clock, pipeline/study.py).
+    counts the work done: 1 per optimizer step, 1 per VALIDATION_UNIT pairs validated (the hpo
+    stage's virtual clock, pipeline/study.py).
     """
     trainer = _Trainer(model_params, train_params, hp, enc, train_idx, seed, device, fault)
     model = trainer.model
@@ -392,7 +395,7 @@ def fine_tune(
                 probs = predict(model, enc, val_idx, train_params.eval_batch_size, device)
                 result.eval_seconds += time.perf_counter() - start
                 if tick is not None:
-                    tick(math.ceil(len(val_idx) / train_params.eval_batch_size))
+                    tick(math.ceil(len(val_idx) / VALIDATION_UNIT))
                 scores = classification_metrics(enc.labels[val_idx], probs)
                 record.update({f"val_{k}": v for k, v in scores.items()})
                 improved = scores[monitor] > best_score

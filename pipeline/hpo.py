@@ -64,6 +64,7 @@ from pipeline.study import (
     DUPLICATE,
     ERROR,
     INDEX,
+    INTERRUPTED,
     PROGRESS,
     START,
     Ledger,
@@ -88,6 +89,7 @@ from pipeline.trial import (
 
 POLL_SECONDS = 1.0  # how often the stage reports progress and looks for a trial to start
 PROBE_SECONDS = 10.0  # measured training time of each round of the GPU probe (n_jobs: auto)
+PROBE_BARRIER_SECONDS = 600.0  # how long probe processes wait for each other after warm-up
 
 
 @dataclass
@@ -127,7 +129,7 @@ class Scheduler:
         context = fork_server(self.params.model.name) if hpo.isolate_trials else None
         free, running = list(slots), []
         bar = progress(desc="trials", total=hpo.n_trials, plain=True,
-                       initial=min(self.ledger().finished(hpo.n_trials), hpo.n_trials))
+                       initial=self.ledger().finished(hpo.n_trials))
         try:
             while True:
                 self.close_dead_trials()
@@ -149,9 +151,12 @@ class Scheduler:
                     time.sleep(POLL_SECONDS)  # trials running elsewhere, or a dead one's turn
                     continue
                 for r in self.wait(running):
+                    try:
+                        state = self.record(r, self.outcome(r))
+                    finally:  # its heartbeat thread must not outlive it, whatever happened
+                        r.heartbeat.close()
                     running.remove(r)
                     free.append(r.slot)
-                    state = self.record(r, self.outcome(r, cv))
                     bar.update(int(state != "FAIL"), note=f"trial {r.index} {state}")
         finally:
             for r in running:  # interrupted: the index is open again for the next run
@@ -233,7 +238,8 @@ class Scheduler:
         found = ready([r.process for r in running], POLL_SECONDS)
         return [r for r in running if r.process in found]
 
-    def outcome(self, r: Running, cv: CrossValidation) -> TrialResult:
+    def outcome(self, r: Running) -> TrialResult:
+        """The trial's result; a process that died becomes a FAIL result with its exit code."""
         if r.process is None:
             return r.result
         try:
@@ -289,10 +295,12 @@ class Scheduler:
         return result.state
 
     def abandon(self, r: Running, reason: str) -> None:
-        """End an attempt without a result: FAIL without ``error``, so its index runs again."""
+        """End an attempt without a result: FAIL without ``error``, so its index runs again
+        (``interrupted``: not counted against hpo.max_retries)."""
         r.heartbeat.close()
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             r.trial.set_user_attr("fail_reason", reason)
+            r.trial.set_user_attr(INTERRUPTED, True)
             self.study.tell(r.trial, state=TrialState.FAIL)
         self.runs.close_open_children(r.run_id, KILLED)
         self.runs.log(r.run_id, tags={"fail_reason": reason})
@@ -302,7 +310,7 @@ class Scheduler:
         """Fail dead workers' trials (their indices run again); close their MLflow runs."""
         for trial in self.storage.fail_dead_trials(self.study):
             run_id = trial.user_attrs.get("mlflow_run_id")
-            if run_id:
+            if run_id and ERROR not in trial.user_attrs:  # not one that ended meanwhile
                 reason = trial.user_attrs.get("fail_reason") or "worker died (no heartbeat)"
                 self.runs.close_open_children(run_id, KILLED)
                 self.runs.log(run_id, tags={"fail_reason": reason})
@@ -358,13 +366,20 @@ def plan(params: Params, study: optuna.Study, cv: CrossValidation,
 
 
 def probe_together(context: Any, cv: CrossValidation, hp: Hyperparameters,
-                   slots: list[placement.Slot], seconds: float) -> list[dict[str, float]]:
+                   slots: list[placement.Slot], seconds: float,
+                   free_mb: float | None = None) -> list[dict[str, float]]:
     """One probe process per slot, measuring together (a barrier between warm-up and the
-    measured ``seconds``): each one's samples/s and footprint (trial.probe)."""
-    barrier = context.Barrier(len(slots))
-    processes = [TrialProcess(context, slot, probe, (cv, hp, seconds, barrier.wait),
+    measured ``seconds``): each one's samples/s and footprint (trial.probe; ``free_mb``: the
+    device's free memory before they start). ChildProcessError when one of them fails, e.g. out
+    of memory: the others are stopped (their barrier times out) and closed."""
+    barrier = context.Barrier(len(slots), timeout=PROBE_BARRIER_SECONDS)
+    processes = [TrialProcess(context, slot, probe, (cv, hp, seconds, barrier.wait, free_mb),
                               f"probe-{slot.index}") for slot in slots]
-    return [p.result() for p in processes]
+    try:
+        return [p.result() for p in processes]
+    finally:
+        for p in processes:
+            p.close(wait=0)
 
 
 def gpu_probe(params: Params, cv: CrossValidation, gpu: int, auto: bool) -> dict[str, Any]:
@@ -375,11 +390,12 @@ def gpu_probe(params: Params, cv: CrossValidation, gpu: int, auto: bool) -> dict
     context = fork_server(params.model.name)
     hp = probe_point(params)
 
+    free = torch.cuda.mem_get_info(gpu)[0] / 2**20
+
     def measure(n: int) -> list[dict[str, float]]:
         return probe_together(context, cv, hp, [placement.Slot(i, cuda=gpu) for i in range(n)],
-                              PROBE_SECONDS)
+                              PROBE_SECONDS, free)
 
-    free = torch.cuda.mem_get_info(gpu)[0] / 2**20
     if auto:
         per_gpu, trace = placement.gpu_jobs(measure, free, params.hpo.parallelism)
     else:
@@ -441,9 +457,6 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
         if worker:
             return {"study_name": name, "finished": scheduler.ledger().finished(hpo.n_trials),
                     "tokenize_calls": ENCODE_STATS["calls"]}
-        while not scheduler.ledger().done(hpo.n_trials):  # trials running elsewhere
-            scheduler.close_dead_trials()
-            time.sleep(POLL_SECONDS)
         storage.snapshot(study, params.paths.study_db)
         metrics = write_outputs(study, params, resumed, storage.redacted, runs, parent)
         parent_status = FINISHED

@@ -138,7 +138,8 @@ def gpu_jobs(measure: Callable[[int], list[dict[str, float]]], free_mb: float,
     ``measure(n)`` runs n probe processes together and returns each one's samples/s and
     footprint (MB of device memory, context included; only the single-process run's counts).
     Memory bounds n (each process may take GPU_MEMORY_SHARE of the free memory / n); within that
-    and ``limit``, n doubles while the aggregate samples/s grows by GPU_GAIN."""
+    and ``limit``, n doubles while the aggregate samples/s grows by GPU_GAIN; a round that fails
+    (a process out of memory) ends the search."""
     one = measure(1)
     footprint = one[0]["footprint_mb"]
     fit = max(1, int(GPU_MEMORY_SHARE * free_mb // footprint))
@@ -148,7 +149,11 @@ def gpu_jobs(measure: Callable[[int], list[dict[str, float]]], free_mb: float,
     n = 1
     while n < min(fit, limit):
         n = min(2 * n, fit, limit)
-        rate = sum(r["samples_per_second"] for r in measure(n))
+        try:
+            rate = sum(r["samples_per_second"] for r in measure(n))
+        except ChildProcessError as err:  # e.g. out of memory: n does not fit
+            trace.append({"processes": n, "failed": str(err)})
+            break
         trace.append({"processes": n, "samples_per_second": rate})
         if rate < GPU_GAIN * best:
             break

@@ -148,6 +148,13 @@ class StudyStorage:
         if name not in optuna.get_all_study_names(source):
             return False
         optuna.copy_study(from_study_name=name, from_storage=source, to_storage=self.optuna)
+        # trials the snapshot caught running belong to no one here: fail them (no heartbeat
+        # and no live pid would ever tell), so that their indices run again
+        copied = optuna.load_study(study_name=name, storage=self.optuna)
+        for t in copied.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.optuna.set_trial_user_attr(t._trial_id, "fail_reason",
+                                            "running when the snapshot was taken")
+            self.optuna.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         return True
 
     def snapshot(self, study: optuna.Study, path: str | Path) -> None:

@@ -6,25 +6,26 @@ search space, model, training settings, metric, aggregation, sampler, pruner, se
 extends the same one. How many processes run trials (``hpo.n_jobs``, ``hpo.devices``, extra
 ``--worker`` processes) and where the study is stored are not part of it.
 
-**The schedule.** Every trial has an *index* k = 0, 1, 2, ... (user attribute ``index``; in a
-study where no attempt died it equals the Optuna trial number). What trial k may see is decided
-on a *virtual clock* that only the trials' outcomes drive, never timing: ``hpo.parallelism``
-virtual workers take the indices in order, each index the worker that frees first, and keep it
-for the trial's virtual duration, its count of training steps and validation batches (user
-attribute ``cost``; a deterministic function of what the trial ran, and on a GPU close to its
-wall time). Trial k is suggested from, and pruned against, the trials that ended on that clock
-by its virtual start; the trials before it that had not are passed as RUNNING (the constant liar
-sees their hyperparameters). The sampler is seeded by k. So every trial's hyperparameters, fold
-scores and state are the same whatever the number of processes, their timing, or a kill and
-resume, while processes start a trial as soon as its virtual start is decided: when the trial
-that frees its worker has ended and every running trial's progress (user attribute
-``progress``, a lower bound of its duration) is past that time.
+**The schedule.** Every trial has an *index* k = 0, 1, 2, ... (user attribute ``index``; in a study
+where no attempt died or lost a race it equals the Optuna trial number). What trial k may see is
+decided on a *virtual clock* that only the trials' outcomes drive, never timing:
+``hpo.parallelism`` virtual workers take the indices in order, each the worker that frees first,
+and keep it for the trial's virtual duration, its count of optimizer steps and validation units of
+256 pairs (``engine.VALIDATION_UNIT``; user attribute ``cost``: a deterministic function of what
+the trial ran, and on a GPU close to its wall time). Trial k is suggested from, and pruned against,
+the trials that ended on that clock by its virtual start; the trials before it that had not are
+passed as RUNNING (the constant liar sees their hyperparameters). The sampler is seeded by k. So
+every trial's hyperparameters, fold scores and state are the same whatever the number of processes,
+their timing, or a kill and resume, while processes start a trial as soon as its virtual start is
+decided: when the trial that frees its worker has ended and every running trial's progress (user
+attribute ``progress``, a lower bound of its duration) is past that time.
 
-A trial attempt that died (its process or worker was killed) leaves its index open: the index is
-run again, with the same hyperparameters and seeds, up to ``hpo.max_retries`` times. A trial that
-raised fails for good (user attribute ``error``) and the study takes one more index. Two processes
-that claimed the same index at once: the later attempt (higher Optuna number) is marked
-``duplicate`` and does nothing.
+An attempt whose stage or worker died (a kill, a stale heartbeat) or stopped leaves its index open:
+the index runs again, with the same hyperparameters and seeds; after ``hpo.max_retries`` deaths
+(stops of its own stage do not count) it fails for good. A trial that raised, or whose own trial
+process died (a crash, the OOM killer), fails for good at once (user attribute ``error``), and the
+study takes one more index. Two processes that claimed the same index at once: the later attempt
+(higher Optuna number) is marked ``duplicate`` and does nothing.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ from pipeline.storage import StudyStorage
 INDEX = "index"  # user attribute: the trial's index in the schedule
 ERROR = "error"  # user attribute of a trial that failed for good (it raised)
 DUPLICATE = "duplicate"  # user attribute of an attempt that lost a race for its index
-COST = "cost"  # user attribute: an ended trial's virtual duration (steps + validation batches)
+COST = "cost"  # user attribute: an ended trial's virtual duration (steps + validation units)
 PROGRESS = "progress"  # user attribute: the part of it a running attempt has done so far
-START = "virtual_start"  # user attribute: the trial's start on the virtual clock
+START = "virtual_start"  # user attribute: the trial's start on the virtual clock (for reading)
+INTERRUPTED = "interrupted"  # user attribute of an attempt its own stage stopped
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # The sampler's warning about the constant liar's experimental `group`; chosen knowingly.
@@ -185,14 +187,20 @@ class Ledger:
         return cls(dict(attempts), max_retries, parallelism)
 
     def final(self, k: int) -> FrozenTrial | None:
-        """The latest attempt at index ``k`` (None: never started)."""
+        """The attempt at index ``k`` that ended with a result, else the latest (None: never
+        started). Only one attempt can end with a result: a later one that lost the race for k
+        marks itself duplicate before it runs, or dies unmarked without running."""
         found = self.attempts.get(k)
-        return found[-1] if found else None
+        if not found:
+            return None
+        results = [t for t in found if t.state in FINISHED_STATES or ERROR in t.user_attrs]
+        return results[0] if results else found[-1]
 
     def died(self, k: int) -> int:
-        """Attempts at ``k`` that ended without a result (killed, stale, interrupted)."""
+        """Attempts at ``k`` that ended without a result (killed or stale, not interrupted by
+        their own stage stopping: that is no fault of the trial)."""
         return sum(t.state == TrialState.FAIL and ERROR not in t.user_attrs
-                   for t in self.attempts.get(k, []))
+                   and not t.user_attrs.get(INTERRUPTED) for t in self.attempts.get(k, []))
 
     def status(self, k: int) -> str:
         """open (to run), running, complete, pruned or failed (for good)."""
@@ -234,8 +242,8 @@ class Ledger:
         t = self.final(k)
         if self.ended(k):
             return (float(t.user_attrs.get(COST, 0.0)) if t is not None else 0.0), True
-        if self.status(k) == "running":
-            return float(t.user_attrs.get(PROGRESS, 0.0)), False
+        if self.status(k) == "running":  # any attempt's progress bounds the same duration
+            return max(float(a.user_attrs.get(PROGRESS, 0.0)) for a in self.attempts[k]), False
         return 0.0, False
 
     @functools.cached_property

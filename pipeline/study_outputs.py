@@ -84,7 +84,7 @@ def trial_rows(trials: list[FrozenTrial], params: Params) -> list[dict[str, Any]
             "threshold": t.user_attrs.get("threshold"),
             "oof_pos_f1": t.user_attrs.get("oof_pos_f1"),  # at 0.5
             "oof_pos_f1_tuned": t.user_attrs.get("oof_pos_f1_tuned"),
-            # the threshold's worst pos_f1 gain on a fold it was not tuned on (objective.py)
+            # the threshold's worst pos_f1 gain on a fold it was not tuned on (trial._threshold)
             "threshold_gain": t.user_attrs.get("threshold_gain"),
             **{f"params_{name}": hps.get(name) for name in HYPERPARAMETERS},
             "fail_reason": reason,

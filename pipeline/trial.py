@@ -1,8 +1,8 @@
 """One trial of the hpo stage: k-fold fine-tunes in a process of its own, pruned by itself.
 
 The stage (pipeline/hpo.py) hands :func:`run_trial` a :class:`TrialTask` — the trial's index, its
-hyperparameters and what its pruner may compare with (the COMPLETE trials with index up to
-index - ``hpo.parallelism``: pipeline/study.py) — and gets one :class:`TrialResult` back. In
+hyperparameters and what its pruner may compare with (the COMPLETE trials of its view on the
+study's virtual clock: pipeline/study.py) — and gets one :class:`TrialResult` back. In
 between nothing crosses the process boundary: the trial fine-tunes fold after fold
 (pipeline/engine.py), reports the running fold aggregate after every fold (step = fold index) or
 every epoch (``hpo.pruner.report: epoch``) to an Optuna pruner over that frozen view, stops when
@@ -22,11 +22,9 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import multiprocessing.connection
-import os
 import resource
 import signal
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,7 +83,7 @@ class TrialResult:
     folds: list[FoldResult] = field(default_factory=list)
     reports: dict[int, float] = field(default_factory=dict)  # step -> running aggregate
     reason: str | None = None  # why it was pruned, or why it failed
-    cost: int = 0  # its virtual duration: optimizer steps + validation batches (study.py)
+    cost: int = 0  # its virtual duration: optimizer steps + validation units (study.py)
     precision: str | None = None
     machine: str | None = None  # pipeline.machine.label() of where it ran
     peak_rss_mb: float | None = None
@@ -309,35 +307,22 @@ def peak_memory() -> tuple[float, float | None]:
 
 
 def probe(cv: CrossValidation, hp: Hyperparameters, seconds: float,
-          start: Callable[[], None] | None = None) -> dict[str, float]:
+          start: Callable[[], None] | None = None,
+          free_mb: float | None = None) -> dict[str, float]:
     """One process's share of a throughput probe (placement.gpu_jobs): samples/s of fold 0's
-    training rows at ``hp``, and the process's footprint on the GPU (device memory used at the
-    end minus before it started, context included: exact when it probes alone)."""
+    training rows at ``hp``, and the process's footprint on the GPU: the device's free memory
+    before the probe started (``free_mb``, measured by the stage) less what is free at the end,
+    context included, exact when it probes alone; on a CPU its peak, 0."""
     import torch
 
-    before = _gpu_used_mb()
     device = pick_device(cv.params.train.device, cv.params.train.cpu_threads,
                          cv.params.train.precision)
     out = throughput(cv.params.model, cv.params.train, hp, cv.enc, cv.folds[0][0], device,
                      seconds, start=start)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info()
-        out["footprint_mb"] = (total - free) / 2**20 - before
-    else:
-        out["footprint_mb"] = out["peak_memory_mb"]
+    out["footprint_mb"] = out["peak_memory_mb"]
+    if device.type == "cuda" and free_mb is not None:
+        out["footprint_mb"] = free_mb - torch.cuda.mem_get_info()[0] / 2**20
     return out
-
-
-def _gpu_used_mb() -> float:
-    """Device memory in use on the current GPU before this process creates its CUDA context
-    (nvidia-smi; 0 without it)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-    with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
-                              "nounits", "-i", visible], capture_output=True, text=True,
-                             timeout=10).stdout
-        return float(out.split()[0])
-    return 0.0
 
 
 # ---- the trial's own process ----

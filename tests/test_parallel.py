@@ -23,7 +23,7 @@ from conftest import BIN, dump_yaml, hpo_study, load_yaml, with_hpo
 from pipeline import hpo, placement, prepare
 from pipeline.params import ParamsError, load_params
 from pipeline.storage import storage_url
-from pipeline.study import COST, DUPLICATE, ERROR, INDEX, PROGRESS, Ledger
+from pipeline.study import COST, DUPLICATE, ERROR, INDEX, INTERRUPTED, PROGRESS, Ledger
 
 CORES = len(os.sched_getaffinity(0))
 needs_two_cores = pytest.mark.skipif(CORES < 2, reason="n_jobs: 2 needs two CPU cores")
@@ -196,9 +196,16 @@ def test_the_ledger_tracks_attempts_by_index():
     assert ledger.considered(2) == [0, 1, 2, 3, 4] and not ledger.done(2)
     # 8 workers: index 5 starts at 0 like the rest, once the running trials are past 0
     assert ledger.next_index(n_trials=5) == 5
-    # a third death at index 2 is one more than max_retries: it fails for good
+    # a third death at index 2 is one more than max_retries: it fails for good; stops of the
+    # attempt's own stage (interrupted) do not count
     dead = Ledger({2: [_trial(2, f, n) for n in range(3)]}, max_retries=2)
     assert dead.status(2) == "failed"
+    stopped = Ledger({2: [_trial(2, f, n, **{INTERRUPTED: True}) for n in range(3)]}, 2)
+    assert stopped.died(2) == 0 and stopped.status(2) == "open"
+    # an attempt that lost the race for an index and died before it could say so does not
+    # reopen the index that another attempt finished
+    raced = Ledger({0: [_trial(0, c, 0, 0.5, **{COST: 1}), _trial(0, f, 1)]}, max_retries=2)
+    assert raced.status(0) == "complete" and raced.final(0).number == 0
 
 
 def test_settings_that_cannot_fit_are_refused():

@@ -174,7 +174,9 @@ def test_postgres_stage_and_worker_then_a_worker_killed_mid_trial(repo_copy, pos
     worker = _popen([sys.executable, "-m", "pipeline.hpo", "--worker", "--wait", "120"], repo,
                     env)
     start = time.perf_counter()
-    run(["dvc", "repro", "hpo"], repo, env=env)
+    # as in the journal test: trial 0 pauses after its first step, so the worker takes trial 1
+    run(["dvc", "repro", "hpo"], repo,
+        env={**env, "PIPELINE_FAULT": "delay@trial=0,fold=0,step=2,ms=10000"})
     first_seconds = time.perf_counter() - start
     assert worker.wait(timeout=300) == 0, worker.stderr.read()
     study = _study(repo, postgres_url)
