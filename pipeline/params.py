@@ -1,15 +1,12 @@
 """Typed, validated view of ``params.yaml``.
 
-Every stage calls :func:`load_params`; pydantic checks the whole file against the frozen
-dataclasses below (strict types, ``Field`` ranges, no unknown keys) and :func:`_naming` turns
-the first problem into one line that names the key and lists the valid values or keys, so a typo
-such as ``dvc exp run -S hpo.ntrials=5`` fails loudly instead of being ignored. A range or pattern
-that fails says "must be >= 1" and the like, or its field's ``description``; checks across fields
-are the sections' ``__post_init__``, and the search space is parsed by :func:`_search_space`.
-Paths live here too (section ``paths``), each written once: ``dvc.yaml`` reads ``${paths.*}``.
-
-The sections are pydantic dataclasses, so ``dataclasses.asdict`` and ``dataclasses.replace``
-work on them, and building or replacing one with a bad value raises :class:`ParamsError` too.
+Every stage calls :func:`load_params`: pydantic checks the file against the frozen dataclasses
+below (strict types, ``Field`` ranges, no unknown keys, checks across fields in
+``__post_init__``) and :func:`_naming` turns the first problem into one line that names the key,
+so a typo such as ``dvc exp run -S hpo.ntrials=5`` fails loudly instead of being ignored. A
+failed range or pattern says "must be >= 1" and the like, or its field's ``description``.
+Building or replacing a section (``dataclasses.replace``) raises :class:`ParamsError` the same
+way. Paths live here too (section ``paths``), each written once: ``dvc.yaml`` reads ``${paths.*}``.
 """
 
 from __future__ import annotations
@@ -45,11 +42,8 @@ THRESHOLD = 0.5
 
 
 class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-05`` and ``1.5e5`` are floats (YAML 1.2), as DVC writes them.
-
-    ``dvc exp run -S x=0.00001`` rewrites params.yaml with ``x: 1e-05``, which plain PyYAML (YAML
-    1.1: a float needs a dot and a signed exponent) would read as a string.
-    """
+    """PyYAML's safe loader, but ``1e-05`` and ``1.5e5`` are floats (YAML 1.2): ``dvc exp run
+    -S x=0.00001`` writes ``x: 1e-05``, which plain PyYAML (YAML 1.1) reads as a string."""
 
 
 YamlLoader.add_implicit_resolver(
@@ -61,11 +55,8 @@ YamlLoader.add_implicit_resolver(
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
-    """What a trial chooses: the search space's eight names, each with its type and range.
-
-    The ranges (pydantic ``Field`` bounds) bind every value of ``hpo.search_space``; a
-    Hyperparameters built in code is not range-checked (tests probe divergence with lr 1e30).
-    """
+    """What a trial chooses. The ``Field`` ranges bind every value of ``hpo.search_space``; one
+    built in code is not checked (tests probe divergence with lr 1e30)."""
 
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)]
     per_device_train_batch_size: Annotated[int, Field(ge=1)]
@@ -212,10 +203,7 @@ class PrunerParams:
 
 @dataclasses.dataclass(frozen=True)
 class SearchParam:
-    """One hyperparameter: searched over a range or choices, or fixed to one value.
-
-    Built by :func:`_search_param` (or in tests); the constructor checks nothing.
-    """
+    """One hyperparameter, searched or fixed; built by :func:`_search_param` (checks nothing)."""
 
     name: str
     type: Literal["float", "int", "categorical", "fixed"]
@@ -233,10 +221,8 @@ class SearchParam:
 
 @pydantic_dataclass(frozen=True, config=_CONFIG)
 class _SearchSpec:
-    """The mapping form of a search-space entry; :func:`_search_param` checks the rest.
-
-    One class, not a union per type: a misplaced key (``choices`` of a float range) is named
-    as such, and an unknown key lists every key an entry may have."""
+    """A search-space entry as a mapping. One class, not a union per type, so a misplaced key
+    (``choices`` of a float range) is named as such and an unknown key lists every key."""
 
     type: Literal["float", "int", "categorical"]
     low: Any = None  # checked against the hyperparameter's type and range
@@ -359,13 +345,12 @@ def _locate(root: Any, loc: tuple, key: str) -> tuple[str, Any, str | None]:
     union members may follow), the plain type of the last one and its field's description."""
     tp, description = root, None
     for item in loc:
-        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
-        if isinstance(item, int) and item < len(hints):  # a positional argument
-            item = list(hints)[item]
-        if item in hints:
-            info = getattr(tp, "__pydantic_fields__", {}).get(item)  # none: a plain dataclass
-            description = info.description if info else None
-            key, tp = f"{key}.{item}".lstrip("."), hints[item]
+        fields = getattr(tp, "__pydantic_fields__", {})  # a section's (or _SearchSpec's) keys
+        if isinstance(item, int) and item < len(fields):  # a positional argument
+            item = list(fields)[item]
+        if item in fields:
+            key, tp = f"{key}.{item}".lstrip("."), typing.get_type_hints(tp)[item]
+            description = fields[item].description
         elif isinstance(item, int) and typing.get_origin(tp) is list:
             key, tp, description = f"{key}[{item}]", typing.get_args(tp)[0], None
         else:
@@ -379,21 +364,14 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is list:
-        return "a list"
-    if origin is dict or dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
+    names = {type(None): "null", list: "a list", dict: "a mapping"}
+    return names.get(origin or tp) or getattr(tp, "__name__", str(tp))
 
 
 @contextlib.contextmanager
 def _naming(root: Any, prefix: str, subject: str | None = None) -> Iterator[None]:
-    """Pydantic's first error (unknown keys first) as a ParamsError line that names the key.
-
-    ``root`` is what is validated (a section, or a type), ``prefix`` its dotted key; ``subject``
-    names the value in range errors (only hyperparameters have one)."""
+    """Pydantic's first error (unknown keys first) as a ParamsError line naming the key under
+    ``prefix`` in ``root`` (a section or a type); ``subject``: a hyperparameter's range errors."""
     try:
         yield
     except pydantic.ValidationError as err:
@@ -403,7 +381,7 @@ def _naming(root: Any, prefix: str, subject: str | None = None) -> Iterator[None
             raise ctx["error"] from None
         if e["type"] in _UNKNOWN:
             where, parent, _ = _locate(root, loc[:-1], prefix)
-            valid = ", ".join(f.name for f in dataclasses.fields(parent))
+            valid = ", ".join(parent.__pydantic_fields__)
             name = f"{where}.{loc[-1]}" if where else loc[-1]
             raise ParamsError(f"{PARAMS_FILE}: unknown key '{name}'; valid keys under "
                               f"{where or 'the top level'}: {valid}") from None
