@@ -33,12 +33,17 @@ from pipeline.params import ModelParams, TrainParams
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
-def build_model_dir(out: Path, tokenizer: str) -> Path:
+def build_model_dir(out: Path, tokenizer: str, tiny: bool = False) -> Path:
+    """A DeBERTa-v3-base-shaped classifier (random init) and ``tokenizer`` saved in ``out``;
+    ``tiny``: 2 layers of width 64, the same architecture (dry runs on a CPU)."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
+    size = ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 128} if tiny else
+            {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072})
     config = DebertaV2Config(  # microsoft/deberta-v3-base's configuration
-        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
+        vocab_size=128100, **size, hidden_act="gelu", max_position_embeddings=512,
         relative_attention=True, position_buckets=256, max_relative_positions=-1,
         pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
         type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7, num_labels=2)

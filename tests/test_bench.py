@@ -8,13 +8,17 @@ cost, the pick and the refusals are checked against what the table implies.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,3 +184,60 @@ def test_hpo_efficiency_summary_pairs_each_arm_with_the_none_arm_of_its_seed():
     assert arms["pruning"]["n_pruned"] == 2 and arms["none"]["fold_fits_run"] == 8
     assert result["setup"]["seeds"] == [1, 2] and result["fold_noise"] == pytest.approx(0.015)
     assert result["command"].endswith("--report epoch --patience 1")
+
+
+gpu_study_mod = _load("gpu_study")
+
+
+def test_gpu_study_runs_the_full_profile_shrunk_to_its_arguments(tmp_path):
+    from pipeline.params import parse_params
+
+    args = argparse.Namespace(trials=10, folds=2, max_epochs=2, device="cuda")
+    params = parse_params(gpu_study_mod.study_params(tmp_path, tmp_path / "model", args))
+    full = yaml.safe_load((ROOT / "profiles" / "full.yaml").read_text())
+    assert (params.hpo.n_jobs, params.hpo.parallelism) == ("auto", full["hpo.parallelism"])
+    assert (params.hpo.pruner.name, params.hpo.pruner.report) == ("percentile", "epoch")
+    assert params.train.negatives_per_positive == full["train.negatives_per_positive"]
+    epochs = params.hpo.search_space["num_train_epochs"]
+    assert (epochs.low, epochs.high) == (2, 2)  # the profile's 3..8, capped at --max-epochs
+    assert (params.prepare.n_folds, params.hpo.n_trials) == (2, 10)
+    assert params.model.name == str(tmp_path / "model")
+    assert all(Path(p).is_relative_to(tmp_path)
+               for p in dataclasses.asdict(params.paths).values())
+
+
+def test_gpu_study_compares_its_rates_with_the_projection():
+    jobs = json.loads((ROOT / "bench" / "results" / "gpu_jobs.json").read_text())
+    projection = json.loads((ROOT / "bench" / "results" / "gpu_projection.json").read_text())
+    n = projection["inputs"]["processes"]
+
+    def table(run: str, jobs_n: int) -> dict[int, float]:
+        return {int(b): c["samples_per_second"] / jobs_n
+                for b, c in jobs["runs"][run]["batches"].items()}
+
+    mps = table(f"mps_jobs{n}", n)
+    samples = {8: 1000.0, 32: 3000.0}
+    # batch 8 at half the table's rate, batch 32 at its rate: 1000/(r/2) + 3000/r32 against
+    # 1000/r + 3000/r32
+    found = {"n_jobs": n, "train_samples_by_batch": samples,
+             "per_process_samples_per_second": {8: mps[8] / 2, 32: mps[32]}}
+    expected = (1000 / mps[8] + 3000 / mps[32]) / (2000 / mps[8] + 3000 / mps[32])
+    out = gpu_study_mod.against_projection(found, mps=True)
+    assert out["vs_projection"] == pytest.approx(expected)
+    assert out["projected_50_trial_hours"] == pytest.approx(
+        projection["projected_hours"]["schedule"] / expected)
+    # without MPS: the table's run without it, and the projection's arm without it
+    plain = table(f"jobs{n}", n)
+    out = gpu_study_mod.against_projection(
+        {**found, "per_process_samples_per_second": plain}, mps=False)
+    assert out["vs_projection"] == pytest.approx(1.0)
+    assert out["projected_50_trial_hours"] == pytest.approx(
+        projection["projected_hours"]["schedule_no_mps"])
+    # another number of processes: compared in rate, not in the projection's hours
+    two = table("jobs2", 2)
+    out = gpu_study_mod.against_projection(
+        {**found, "n_jobs": 2, "per_process_samples_per_second": two}, mps=False)
+    assert out["vs_projection"] == pytest.approx(1.0) and out["projected_50_trial_hours"] is None
+    # no measured table for that many processes: nothing to compare
+    assert gpu_study_mod.against_projection({**found, "n_jobs": 3}, mps=False)[
+        "vs_projection"] is None
