@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from gpu_check import build_model_dir  # bench/ is on sys.path when run as a script
+from gpu_check import PEAK_TFLOPS, build_model_dir  # bench/ is on sys.path as a script
 
 from pipeline.engine import (
     collate,
@@ -39,8 +39,6 @@ from pipeline.engine import (
 )
 from pipeline.machine import command, describe
 from pipeline.model import Device, load_classifier, load_tokenizer
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
 def _worker(rank: int, model_dir: str, pairs_file: str, batches: list[int], seconds: float,

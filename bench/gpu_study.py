@@ -12,9 +12,8 @@ Measured, from the study and its trials' fold records:
 * ``wall_seconds``: the whole stage (tokenising, the probe, every trial, the outputs);
 * ``samples_per_second``: every fold's training samples over the trials' span (first start to
   last end), and ``mfu``: 6 x non-embedding parameters x training tokens/s (tokens = samples x
-  the mean unpadded tokens of a training pair, as gpu_jobs.py counts) over the GPU's dense bf16
-  peak;
-* ``idle_fraction``: 1 - the trials' time / (n_jobs x span), as bench/study_speed.py counts it;
+  the mean unpadded tokens of the train split's pairs) over the GPU's dense bf16 peak;
+* ``idle_fraction``: 1 - the trials' time / (n_jobs x span), every ended attempt counted;
 * ``n_jobs`` and the probe's record (footprint, processes per GPU, MPS);
 * ``vs_projection``: the trials' training samples/s per process over the rate
   bench/gpu_projection.py assumed for that many processes (gpu_jobs.json, at the batches the
@@ -24,8 +23,10 @@ Measured, from the study and its trials' fold records:
 Usage, on the GPU machine from the repository root (the venv with a CUDA torch; start the MPS
 daemon first to measure with MPS, docs/parallel.md):
   python bench/gpu_study.py [--posts 1484] [--trials 10] [--folds 5] [--max-epochs 8]
-Writes ``bench/results/gpu_study.json``. ``--device cpu --tiny``: a dry run of this script on a
-CPU with a small model of the same architecture (written to ``--out``, not the results).
+  python bench/gpu_study.py --posts 400 --trials 16 --folds 2 --max-epochs 1 --out FILE
+The second needs ~5 min by gpu_jobs.json's rates (a short lease). Writes
+``bench/results/gpu_study.json`` (or ``--out``). ``--device cpu --tiny``: a dry run of this
+script on a CPU with a small model of the same architecture (to a temporary file by default).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from pathlib import Path
 from workspace import ROOT, workspace  # bench/, the script's own folder
 
 RESULTS = ROOT / "bench" / "results"
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
 def study_params(workdir: Path, model_dir: Path, args: argparse.Namespace) -> dict:
@@ -59,7 +59,9 @@ def study_params(workdir: Path, model_dir: Path, args: argparse.Namespace) -> di
     raw["prepare"]["n_folds"] = args.folds
     raw["train"]["device"] = args.device
     hpo = raw["hpo"]
-    hpo.update(n_trials=args.trials, mlflow_experiment="bench-gpu-study")
+    # one GPU: MFU is counted against one device's peak
+    hpo.update(n_trials=args.trials, mlflow_experiment="bench-gpu-study",
+               devices=[0] if args.device == "cuda" else "auto")
     epochs = hpo["search_space"]["num_train_epochs"]
     epochs.update(low=min(epochs["low"], args.max_epochs),
                   high=min(epochs["high"], args.max_epochs))
@@ -71,17 +73,19 @@ def measure(params, model_dir: Path) -> dict:
     import mlflow
     import numpy as np
     import optuna
-    import pandas as pd
     import torch
+    from gpu_check import PEAK_TFLOPS  # bench/, the script's own folder
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.engine import encode_pairs
+    from pipeline.inputs import read_split
     from pipeline.model import load_tokenizer
     from pipeline.storage import storage_url
 
     name = json.loads(Path(params.paths.study_summary).read_text())["study_name"]
     study = optuna.load_study(study_name=name, storage=storage_url(params))
-    trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    ended = [t for t in study.trials if t.datetime_complete is not None]  # failed ones too
+    trials = [t for t in ended if t.state.name in ("COMPLETE", "PRUNED")]
     probe = study.user_attrs.get("gpu_probe") or {}
     # the processes the stage ran (auto resolved): its tag on the MLflow study run (hpo.plan)
     n_jobs = int(mlflow.get_run(study.user_attrs["mlflow_run_id"]).data.tags["n_jobs"])
@@ -95,11 +99,10 @@ def measure(params, model_dir: Path) -> dict:
                 cell[0] += fold["train_samples"]
                 cell[1] += fold["train_seconds"]
     samples = sum(c[0] for c in per_batch.values())
-    first = min(t.datetime_start for t in trials)
-    span = (max(t.datetime_complete for t in trials) - first).total_seconds()
-    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
-    pairs = pd.read_csv(params.paths.pairs, keep_default_na=False)
-    pairs = pairs[pairs["split"] == "train"]
+    first = min(t.datetime_start for t in ended)
+    span = (max(t.datetime_complete for t in ended) - first).total_seconds()
+    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in ended)
+    pairs = read_split(params.paths.pairs)
     enc = encode_pairs(load_tokenizer(str(model_dir)), pairs["criterion"], pairs["sentence"],
                        pairs["label"], params.model.max_length)
     tokens_per_sample = float(np.mean(enc.lengths))

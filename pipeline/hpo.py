@@ -38,6 +38,7 @@ import datetime
 import hashlib
 import io
 import os
+import sys
 import time
 import types
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ class Scheduler:
         free, running = list(slots), []
         bar = progress(desc="trials", total=hpo.n_trials, plain=True,
                        initial=self.ledger().finished(hpo.n_trials))
+        stopped_by_user = False
         try:
             while True:
                 self.close_dead_trials()
@@ -158,11 +160,18 @@ class Scheduler:
                     running.remove(r)
                     free.append(r.slot)
                     bar.update(int(state != "FAIL"), note=f"trial {r.index} {state}")
+        except KeyboardInterrupt:
+            stopped_by_user = True
+            raise
         finally:
-            for r in running:  # interrupted: the index is open again for the next run
+            for r in running:
                 if r.process is not None:
                     r.process.close(wait=0)
-                self.abandon(r, "the stage stopped during the trial")
+            for r in running:  # the index is open again for the next run
+                try:
+                    self.abandon(r, "the stage stopped during the trial", stopped_by_user)
+                except Exception as err:  # the error that stopped the stage comes first
+                    print(f"hpo: could not close trial {r.index}: {err}", file=sys.stderr)
             bar.close()
         if len(self.failures) > hpo.max_failures:
             raise StageError(
@@ -294,14 +303,18 @@ class Scheduler:
         r.heartbeat.close()
         return result.state
 
-    def abandon(self, r: Running, reason: str) -> None:
-        """End an attempt without a result: FAIL without ``error``, so its index runs again
-        (``interrupted``: not counted against hpo.max_retries)."""
+    def abandon(self, r: Running, reason: str, interrupted: bool) -> None:
+        """End an attempt without a result: FAIL without ``error``, so its index runs again.
+        ``interrupted`` (the user stopped the stage): not counted against hpo.max_retries; any
+        other error that stopped the stage is, so that it cannot rerun an index forever."""
         r.heartbeat.close()
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        try:
             r.trial.set_user_attr("fail_reason", reason)
-            r.trial.set_user_attr(INTERRUPTED, True)
+            if interrupted:
+                r.trial.set_user_attr(INTERRUPTED, True)
             self.study.tell(r.trial, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # it has its result (recording it failed after telling Optuna)
         self.runs.close_open_children(r.run_id, KILLED)
         self.runs.log(r.run_id, tags={"fail_reason": reason})
         self.runs.end(r.run_id, KILLED)
@@ -371,12 +384,20 @@ def probe_together(context: Any, cv: CrossValidation, hp: Hyperparameters,
     """One probe process per slot, measuring together (a barrier between warm-up and the
     measured ``seconds``): each one's samples/s and footprint (trial.probe; ``free_mb``: the
     device's free memory before they start). ChildProcessError when one of them fails, e.g. out
-    of memory: the others are stopped (their barrier times out) and closed."""
+    of memory: the barrier is broken, so the others stop at once, and all are closed."""
     barrier = context.Barrier(len(slots), timeout=PROBE_BARRIER_SECONDS)
     processes = [TrialProcess(context, slot, probe, (cv, hp, seconds, barrier.wait, free_mb),
                               f"probe-{slot.index}") for slot in slots]
+    results: dict[int, dict[str, float]] = {}
     try:
-        return [p.result() for p in processes]
+        while len(results) < len(processes):
+            for p in ready([p for p in processes if p.slot.index not in results], 1.0):
+                try:
+                    results[p.slot.index] = p.result()
+                except ChildProcessError:
+                    barrier.abort()  # the others stop waiting for it at once
+                    raise
+        return [results[p.slot.index] for p in processes]
     finally:
         for p in processes:
             p.close(wait=0)

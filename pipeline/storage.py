@@ -149,7 +149,8 @@ class StudyStorage:
             return False
         optuna.copy_study(from_study_name=name, from_storage=source, to_storage=self.optuna)
         # trials the snapshot caught running belong to no one here: fail them (no heartbeat
-        # and no live pid would ever tell), so that their indices run again
+        # and no live pid would ever tell), so that their indices run again; each counts as a
+        # death against hpo.max_retries, and its MLflow run, in the store it ran with, stays open
         copied = optuna.load_study(study_name=name, storage=self.optuna)
         for t in copied.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             self.optuna.set_trial_user_attr(t._trial_id, "fail_reason",

@@ -44,6 +44,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.common import derive_seed
+from pipeline.engine import VALIDATION_UNIT
 from pipeline.errors import StageError
 from pipeline.inputs import read_best_params
 from pipeline.params import Hyperparameters, Params, SearchParam
@@ -83,6 +84,8 @@ def study_definition(params: Params, pairs_digest: str,
         "pruner": _pruner_definition(params),
         "search_space": {name: asdict(p) for name, p in params.hpo.search_space.items()},
         "parallelism": params.hpo.parallelism,
+        # the virtual clock's unit of validation; it acts only where several trials run at once
+        **({"validation_unit": VALIDATION_UNIT} if params.hpo.parallelism > 1 else {}),
     }
 
 
@@ -238,11 +241,13 @@ class Ledger:
 
     def duration(self, k: int) -> tuple[float, bool]:
         """Trial k's virtual duration and whether it is final (ended), else a lower bound: the
-        part its running attempt has done (user attribute ``progress``)."""
+        most any attempt at k has done (user attribute ``progress``). An attempt that died had
+        done no more than its rerun will, which repeats it exactly where training is
+        reproducible (on a CPU; on a GPU up to its nondeterministic kernels)."""
         t = self.final(k)
         if self.ended(k):
             return (float(t.user_attrs.get(COST, 0.0)) if t is not None else 0.0), True
-        if self.status(k) == "running":  # any attempt's progress bounds the same duration
+        if self.status(k) == "running":
             return max(float(a.user_attrs.get(PROGRESS, 0.0)) for a in self.attempts[k]), False
         return 0.0, False
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import OperationalError
@@ -134,6 +135,44 @@ def test_a_kill_mid_study_then_a_rerun_ends_with_the_same_study(params, workdir)
     # the outputs describe each index's final attempt: the same bytes as uninterrupted
     assert resumed == uninterrupted
     assert _outputs(params) == outputs
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_the_index_open_without_counting_a_death(params, workdir):
+    raw = load_yaml(workdir / "params.yaml")
+    raw["hpo"].update(n_trials=1, max_retries=0)  # a death would end index 0 for good
+    dump_yaml(workdir / "params.yaml", raw)
+    env = {**os.environ, "PIPELINE_FAULT": "hang@trial=0"}
+    stage = subprocess.Popen([sys.executable, "-m", "pipeline.hpo"], cwd=workdir, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = storage_url(params)
+
+    def attempts() -> list[FrozenTrial]:
+        try:
+            return optuna.load_study(study_name=optuna.get_all_study_names(url)[0],
+                                     storage=url).trials
+        except (IndexError, KeyError, OperationalError):
+            return []
+
+    deadline = time.monotonic() + 120
+    while not any(t.user_attrs.get("mlflow_run_id") for t in attempts()):  # trial 0 started
+        if stage.poll() is not None or time.monotonic() > deadline:
+            stage.kill()
+            raise AssertionError(f"trial 0 did not start: {stage.communicate()[1]}")
+        time.sleep(0.5)
+    stage.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+    assert stage.wait(timeout=60) != 0
+    (stopped,) = attempts()
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs.get(INTERRUPTED)
+    assert stopped.user_attrs["fail_reason"] == "the stage stopped during the trial"
+    assert ERROR not in stopped.user_attrs
+    run = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(
+        stopped.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+
+    hpo.run(load_params())  # no fault: index 0 runs again although max_retries is 0
+    assert [(t.user_attrs[INDEX], t.state) for t in attempts()] == [
+        (0, TrialState.FAIL), (0, TrialState.COMPLETE)]
 
 
 def _trial(index: int, state: TrialState, number: int, value: float | None = None,
@@ -268,7 +307,14 @@ def test_probe_processes_measure_together(params):
                        train["label"], params.model.max_length)
     cv = CrossValidation.build(params, enc, train["fold"].to_numpy())
     slots = [placement.Slot(i, cpus=(i,), threads=1) for i in range(min(2, CORES))]
-    found = hpo.probe_together(fork_server(params.model.name), cv, hpo.probe_point(params),
-                               slots, seconds=0.5)
+    context = fork_server(params.model.name)
+    found = hpo.probe_together(context, cv, hpo.probe_point(params), slots, seconds=0.5)
     assert len(found) == len(slots)
     assert all(r["samples_per_second"] > 0 and "footprint_mb" in r for r in found)
+    # a process that fails (here: a CUDA slot without CUDA) breaks the barrier, so the one
+    # waiting at it stops at once instead of after PROBE_BARRIER_SECONDS
+    failing = [placement.Slot(0, cpus=(0,), threads=1), placement.Slot(1, cuda=0)]
+    start = time.monotonic()
+    with pytest.raises(ChildProcessError):
+        hpo.probe_together(context, cv, hpo.probe_point(params), failing, seconds=0.5)
+    assert time.monotonic() - start < hpo.PROBE_BARRIER_SECONDS / 10
