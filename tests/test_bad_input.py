@@ -165,27 +165,27 @@ def _bad_params(pristine: Path, dest: Path, case: str) -> tuple[Path, str]:
     return dest, message
 
 
-@pytest.mark.parametrize("case", DATA_CASES, ids=list(DATA_CASES))
-def test_bad_data_file(pristine, tmp_path, monkeypatch, capsys, case):
-    workdir, message = _bad_data(pristine, tmp_path / "w", case)
+def _fails_in_one_line(workdir: Path, message: str, monkeypatch, capsys, case: str) -> None:
+    """prepare in-process exits 2 with one line holding ``message``, and writes nothing."""
     code, err = _prepare_here(workdir, monkeypatch, capsys)
     assert code == 2, err[-2000:]
     assert message in err and "Traceback" not in err
     assert err.strip().startswith("ERROR: ") and "\n" not in err.strip()
     assert _outputs(workdir) == []
     print(f"{case}: {err.strip()}")
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=list(DATA_CASES))
+def test_bad_data_file(pristine, tmp_path, monkeypatch, capsys, case):
+    workdir, message = _bad_data(pristine, tmp_path / "w", case)
+    _fails_in_one_line(workdir, message, monkeypatch, capsys, case)
 
 
 @pytest.mark.parametrize("case", PARAMS_CASES, ids=list(PARAMS_CASES))
 def test_bad_params(pristine, tmp_path, monkeypatch, capsys, case):
     workdir, message = _bad_params(pristine, tmp_path / "w", case)
     # prepare: every stage validates all of params.yaml first
-    code, err = _prepare_here(workdir, monkeypatch, capsys)
-    assert code == 2, err[-2000:]
-    assert message in err and "Traceback" not in err
-    assert err.strip().startswith("ERROR: ") and "\n" not in err.strip()
-    assert _outputs(workdir) == []
-    print(f"{case}: {err.strip()}")
+    _fails_in_one_line(workdir, message, monkeypatch, capsys, case)
 
 
 @pytest.mark.slow
