@@ -83,7 +83,7 @@ bench: data
 	$(BIN)/python bench/pruning_replay.py
 	$(BIN)/python bench/hpo_efficiency.py --report epoch --out bench/results/hpo_efficiency_30.json
 	$(BIN)/python bench/study_speed.py
-	$(BIN)/python bench/parallelism_cost.py
+	$(BIN)/python bench/parallelism_cost.py --seeds 50
 	$(BIN)/python bench/gpu_projection.py
 	$(BIN)/python bench/recipe_curves.py
 

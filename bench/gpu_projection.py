@@ -177,7 +177,6 @@ def simulate(trials: list[Trial], durations: list[float], n_jobs: int, kind: str
     n = views.n
     real_start: list[float] = []
     real_end: list[float] = []
-    worker_of: list[int] = []  # the virtual worker each trial took
     free = [0.0] * n
     last_on = [-1] * n  # the last trial on each virtual worker
     slots = [0.0] * n_jobs
@@ -193,7 +192,7 @@ def simulate(trials: list[Trial], durations: list[float], n_jobs: int, kind: str
                 decided = max(decided, real_end[j])
                 continue
             # when trial j's progress passes start_v (or it ends), read at the next poll
-            need = (start_v - views.starts[j]) / trial_cost(trials[j])
+            need = (start_v - views.starts[j]) / max(trials[j].cost, 1e-9)
             passed = real_start[j] + overhead + max(0.0, need) * (real_end[j] - real_start[j]
                                                                   - overhead)
             decided = max(decided, min(real_end[j], passed + poll))
@@ -204,13 +203,8 @@ def simulate(trials: list[Trial], durations: list[float], n_jobs: int, kind: str
         slots[slot] = begin + durations[k]
         free[w] = start_v + trial.cost
         last_on[w] = k
-        worker_of.append(w)
     end = max(real_end)
     return end, 1 - sum(durations) / (n_jobs * end)
-
-
-def trial_cost(trial: Trial) -> float:
-    return max(trial.cost, 1e-9)
 
 
 def main() -> None:
@@ -259,7 +253,7 @@ def main() -> None:
             # the same with batch 8 left out of the search space: what bounds the study is its
             # longest complete trial, and batch 8 trains slowest
             "schedule_batch_16_32": (f"mps_jobs{n}", n, "schedule", [b for b in batches if b > 8])}
-    from pipeline.engine import VALIDATION_UNIT
+    from pipeline.params import VALIDATION_UNIT
 
     def units_per_epoch(batch: int) -> float:  # optimizer steps + validation units
         return (math.ceil(data["train_samples_per_epoch"] / batch)

@@ -31,7 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from pipeline.metrics import classification_metrics
 from pipeline.model import Device, load_classifier
-from pipeline.params import Hyperparameters, ModelParams, TrainParams
+from pipeline.params import VALIDATION_UNIT, Hyperparameters, ModelParams, TrainParams
 from pipeline.progress import progress
 
 # Length buckets are this many batches wide: wide enough to shuffle well, narrow enough that a
@@ -40,9 +40,6 @@ BUCKET_BATCHES = 50
 # On CUDA, how many optimizer steps pass between checks of the loss for NaN/inf (each check is a
 # host-device sync). On a CPU every step is checked: it costs nothing there.
 LOSS_CHECK_STEPS = 50
-# The work a validation counts on the hpo stage's virtual clock (pipeline/study.py): one unit per
-# this many pairs. A constant, not train.eval_batch_size, which is not part of the study.
-VALIDATION_UNIT = 256
 
 
 @dataclass

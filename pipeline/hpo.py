@@ -150,7 +150,7 @@ class Scheduler:
                 if not running:
                     if len(self.failures) > hpo.max_failures:
                         break
-                    time.sleep(POLL_SECONDS)  # trials running elsewhere, or a dead one's turn
+                    time.sleep(POLL_SECONDS)  # waiting on trials elsewhere, or on a dead one
                     continue
                 for r in self.wait(running):
                     try:
@@ -300,7 +300,6 @@ class Scheduler:
             self.failures.append(f"trial {r.index}: {result.reason}")
         runs.log(r.run_id, tags={"optuna.folds_run": sum(not f.failed for f in result.folds)})
         runs.end(r.run_id, STATUS_OF_STATE[result.state], at=result.ended or None)
-        r.heartbeat.close()
         return result.state
 
     def abandon(self, r: Running, reason: str, interrupted: bool) -> None:

@@ -39,6 +39,9 @@ METRICS: tuple[str, ...] = typing.get_args(Metric)
 AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
 # The decision threshold when none is tuned (export_best.threshold: default, or a check failed).
 THRESHOLD = 0.5
+# The work a validation counts on the hpo stage's virtual clock (pipeline/study.py): one unit per
+# this many pairs. A constant, not train.eval_batch_size, which is not part of the study.
+VALIDATION_UNIT = 256
 
 
 class YamlLoader(yaml.SafeLoader):

@@ -11,7 +11,7 @@ where no attempt died or lost a race it equals the Optuna trial number). What tr
 decided on a *virtual clock* that only the trials' outcomes drive, never timing:
 ``hpo.parallelism`` virtual workers take the indices in order, each the worker that frees first,
 and keep it for the trial's virtual duration, its count of optimizer steps and validation units of
-256 pairs (``engine.VALIDATION_UNIT``; user attribute ``cost``: a deterministic function of what
+256 pairs (``params.VALIDATION_UNIT``; user attribute ``cost``: a deterministic function of what
 the trial ran, and on a GPU close to its wall time). Trial k is suggested from, and pruned against,
 the trials that ended on that clock by its virtual start; the trials before it that had not are
 passed as RUNNING (the constant liar sees their hyperparameters). The sampler is seeded by k. So
@@ -44,10 +44,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.common import derive_seed
-from pipeline.engine import VALIDATION_UNIT
 from pipeline.errors import StageError
 from pipeline.inputs import read_best_params
-from pipeline.params import Hyperparameters, Params, SearchParam
+from pipeline.params import VALIDATION_UNIT, Hyperparameters, Params, SearchParam
 from pipeline.storage import StudyStorage
 
 INDEX = "index"  # user attribute: the trial's index in the schedule

@@ -312,16 +312,16 @@ def probe(cv: CrossValidation, hp: Hyperparameters, seconds: float,
     """One process's share of a throughput probe (placement.gpu_jobs): samples/s of fold 0's
     training rows at ``hp``, and the process's footprint on the GPU: the device's free memory
     before the probe started (``free_mb``, measured by the stage) less what is free at the end,
-    context included, exact when it probes alone; on a CPU its peak, 0."""
+    context included, exact when it probes alone; elsewhere ``throughput``'s peak memory."""
     import torch
 
     device = pick_device(cv.params.train.device, cv.params.train.cpu_threads,
                          cv.params.train.precision)
     out = throughput(cv.params.model, cv.params.train, hp, cv.enc, cv.folds[0][0], device,
                      seconds, start=start)
-    out["footprint_mb"] = out["peak_memory_mb"]
-    if device.type == "cuda" and free_mb is not None:
-        out["footprint_mb"] = free_mb - torch.cuda.mem_get_info()[0] / 2**20
+    on_gpu = device.type == "cuda" and free_mb is not None
+    out["footprint_mb"] = (free_mb - torch.cuda.mem_get_info()[0] / 2**20 if on_gpu
+                           else out["peak_memory_mb"])
     return out
 
 

@@ -701,8 +701,9 @@ def parallelism_cost_short(src: Sources) -> str:
     n = str(s["checkpoints"][-1])
     regret = d["parallelism"][lag]["regret_vs_sequential_mean"][n]
     return (f"What it costs in sample efficiency: at `parallelism: {lag}` the trial a study picks "
-            f"after {n} trials differs from one trial at a time's by {num(-regret, 4, sign=True)}"
-            f" on average ({num(abs(regret) / s['fold_noise'], 2)} × the fold noise; "
+            f"after {n} trials has a mean regret of {num(regret, 4, sign=True)} against one trial "
+            f"at a time's (negative: better; {num(abs(regret) / s['fold_noise'], 2)} × the fold "
+            "noise; "
             f"{s['seeds']} seeds on a surrogate of the recorded learning curves: "
             "[docs/parallel.md](docs/parallel.md#what-it-costs)).")
 
