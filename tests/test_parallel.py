@@ -143,8 +143,11 @@ def test_ctrl_c_leaves_the_index_open_without_counting_a_death(params, workdir):
     raw["hpo"].update(n_trials=1, max_retries=0)  # a death would end index 0 for good
     dump_yaml(workdir / "params.yaml", raw)
     env = {**os.environ, "PIPELINE_FAULT": "hang@trial=0"}
+    # a terminal's default for SIGINT: a shell's background job (`make test &`) ignores it, and
+    # a process started with SIGINT ignored never gets Python's KeyboardInterrupt
     stage = subprocess.Popen([sys.executable, "-m", "pipeline.hpo"], cwd=workdir, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = storage_url(params)
 
     def attempts() -> list[FrozenTrial]:
@@ -161,7 +164,11 @@ def test_ctrl_c_leaves_the_index_open_without_counting_a_death(params, workdir):
             raise AssertionError(f"trial 0 did not start: {stage.communicate()[1]}")
         time.sleep(0.5)
     stage.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
-    assert stage.wait(timeout=60) != 0
+    try:
+        assert stage.wait(timeout=60) != 0
+    finally:  # a stage that ignored the signal must not outlive the test
+        stage.kill()
+        stage.wait()
     (stopped,) = attempts()
     assert stopped.state == TrialState.FAIL and stopped.user_attrs.get(INTERRUPTED)
     assert stopped.user_attrs["fail_reason"] == "the stage stopped during the trial"
