@@ -32,6 +32,11 @@ The stage does the same, then waits for trials still running elsewhere and write
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the stage's process: its trials' fork server imports beside ours
+    from pipeline.placement import start_fork_server_early
+
+    start_fork_server_early()
+
 import argparse
 import contextlib
 import datetime
@@ -82,7 +87,6 @@ from pipeline.trial import (
     TrialProcess,
     TrialResult,
     TrialTask,
-    fork_server,
     probe,
     ready,
     run_trial,
@@ -124,10 +128,10 @@ class Scheduler:
         hpo = self.params.hpo
         return Ledger.of(self.study, hpo.max_retries, hpo.parallelism)
 
-    def run(self, cv: CrossValidation, slots: list[placement.Slot]) -> None:
-        """Until the study holds hpo.n_trials finished trials (or too many failed here)."""
+    def run(self, cv: CrossValidation, slots: list[placement.Slot], context: Any) -> None:
+        """Until the study holds hpo.n_trials finished trials (or too many failed here); each
+        trial in a process of ``context`` (None: in this process)."""
         hpo = self.params.hpo
-        context = fork_server(self.params.model.name) if hpo.isolate_trials else None
         free, running = list(slots), []
         bar = progress(desc="trials", total=hpo.n_trials, plain=True,
                        initial=self.ledger().finished(hpo.n_trials))
@@ -407,7 +411,7 @@ def gpu_probe(params: Params, cv: CrossValidation, gpu: int, auto: bool) -> dict
     processes the GPU runs best (placement.gpu_jobs), measured in probe processes."""
     import torch
 
-    context = fork_server(params.model.name)
+    context = placement.fork_server(params.model.name)
     hp = probe_point(params)
 
     free = torch.cuda.mem_get_info(gpu)[0] / 2**20
@@ -472,8 +476,10 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
     try:
         scheduler.close_dead_trials()
         if not scheduler.ledger().done(hpo.n_trials):
+            # running already in a stage's process (started before its imports, above)
+            context = placement.fork_server(params.model.name) if hpo.isolate_trials else None
             cv = _cross_validation(params, pairs_bytes, runs, parent)
-            scheduler.run(cv, plan(params, study, cv, runs, parent))
+            scheduler.run(cv, plan(params, study, cv, runs, parent), context)
         if worker:
             return {"study_name": name, "finished": scheduler.ledger().finished(hpo.n_trials),
                     "tokenize_calls": ENCODE_STATS["calls"]}

@@ -28,14 +28,19 @@ estimate from the checkpoint; GPU: the probe's footprint or the recorded peaks).
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
+import multiprocessing.forkserver
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from pipeline.errors import ParamsError
 from pipeline.model import resolve_model_path
+from pipeline.params import load_params
 
 # A trial process may use this share of a GPU's free memory (the rest: fragmentation, other
 # processes' growth between the probe and the trials).
@@ -66,6 +71,39 @@ class Slot:
         if self.cuda is not None:
             return f"cuda:{self.cuda}"
         return "cpus " + ",".join(map(str, self.cpus)) if self.cpus is not None else "all cpus"
+
+
+def fork_server(model_name: str) -> mp.context.BaseContext | None:
+    """The context whose processes fork from a server process (Linux), the server started now
+    if it is not running; None where there is none.
+
+    The server imports pipeline.trial and the model's modeling code once, so that a trial's
+    process starts with them loaded (transformers imports model code lazily, ~1 s a process).
+    Those imports (~6 s on 2 cores) run beside the caller's work until its first trial starts.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return None
+    preload = ["pipeline.trial"]
+    with contextlib.suppress(Exception):  # unknown model type: just no preload
+        model_type = AutoConfig.from_pretrained(resolve_model_path(model_name)).model_type
+        preload.append(f"transformers.models.{model_type.replace('-', '_')}."
+                       f"modeling_{model_type.replace('-', '_')}")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def start_fork_server_early() -> None:
+    """``python -m pipeline.hpo``, before the stage's own imports: start the fork server of its
+    trials (hpo.isolate_trials), so that both import at once and the first trial starts ~6 s
+    sooner on 2 cores. Any error is left to the stage, which reports a bad params.yaml itself
+    and starts the server when it needs one; on a study that needs no trial the server only
+    imports and exits with the stage."""
+    with contextlib.suppress(Exception):
+        params = load_params()
+        if params.hpo.isolate_trials:
+            fork_server(params.model.name)
 
 
 def available_memory_mb() -> float | None:

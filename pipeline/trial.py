@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 import optuna
-from transformers import AutoConfig
 
 from pipeline import faults, machine
 from pipeline.common import derive_seed
 from pipeline.engine import Encoded, fine_tune, subsample_negatives, throughput
 from pipeline.metrics import best_f1_threshold, classification_metrics, threshold_transfer_gains
-from pipeline.model import pick_device, resolve_model_path
+from pipeline.model import pick_device
 from pipeline.params import Hyperparameters, Params
 from pipeline.placement import Slot
 from pipeline.progress import progress
@@ -340,24 +339,6 @@ def _child(conn, slot: Slot, fn: Callable[..., Any], args: tuple) -> None:
         conn.send(fn(*args))
     finally:
         conn.close()
-
-
-def fork_server(model_name: str) -> mp.context.BaseContext | None:
-    """The fork server (Linux); None where there is none.
-
-    Its process imports this module and the model's modeling code once, so that a trial's
-    process starts with them loaded (transformers imports model code lazily, ~1 s a process).
-    """
-    if "forkserver" not in mp.get_all_start_methods():
-        return None
-    preload = [__name__]
-    with contextlib.suppress(Exception):  # unknown model type: just no preload
-        model_type = AutoConfig.from_pretrained(resolve_model_path(model_name)).model_type
-        preload.append(f"transformers.models.{model_type.replace('-', '_')}."
-                       f"modeling_{model_type.replace('-', '_')}")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(preload)
-    return ctx
 
 
 class TrialProcess:

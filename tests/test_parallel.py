@@ -307,7 +307,8 @@ def test_probe_processes_measure_together(params):
     from pipeline.engine import encode_pairs
     from pipeline.inputs import read_split
     from pipeline.model import load_tokenizer
-    from pipeline.trial import CrossValidation, fork_server
+    from pipeline.placement import fork_server
+    from pipeline.trial import CrossValidation
 
     train = read_split(params.paths.pairs, "train")
     enc = encode_pairs(load_tokenizer(params.model.name), train["criterion"], train["sentence"],
