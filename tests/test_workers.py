@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from sqlalchemy.exc import OperationalError
 
 from conftest import BIN, dump_yaml, load_yaml, run
+from pipeline import hpo
+from pipeline.params import load_params
 from pipeline.study import INDEX
 
 pytestmark = pytest.mark.slow
@@ -138,7 +140,8 @@ def _learnt(study: optuna.Study) -> list[tuple]:
                   for t in study.trials if t.state.name in ("COMPLETE", "PRUNED"))
 
 
-def test_journal_storage_shared_by_the_stage_and_a_worker_is_the_same_study(repo_copy):
+def test_journal_storage_shared_by_the_stage_and_a_worker_is_the_same_study(repo_copy,
+                                                                           monkeypatch):
     repo = repo_copy
     journal = repo / "artifacts" / "hpo" / "study.journal"
     # parallelism 2: two trials may run at once, one in each process
@@ -159,7 +162,9 @@ def test_journal_storage_shared_by_the_stage_and_a_worker_is_the_same_study(repo
     # (without the snapshot, which a fresh store would start from)
     (repo / "artifacts" / "hpo" / "study.db").unlink()
     alone = repo / "alone.db"
-    run([sys.executable, "-m", "pipeline.hpo"], repo, env={"HPO_STORAGE": f"sqlite:///{alone}"})
+    monkeypatch.chdir(repo)  # in this process: what is tested is the study, not a process
+    monkeypatch.setenv("HPO_STORAGE", f"sqlite:///{alone}")
+    hpo.run(load_params())
     assert _learnt(_study(repo, f"sqlite:///{alone}")) == _learnt(study)
 
 
