@@ -33,6 +33,14 @@ from pipeline.params import ModelParams, TrainParams
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
+def model_flops(n_params: int, tokens_per_second: float, device: str | None) -> dict:
+    """Training model-FLOP/s (6 x non-embedding parameters x tokens/s, in TFLOP/s) and MFU
+    against ``device``'s dense bf16 peak (None for a device not in PEAK_TFLOPS)."""
+    tflops = 6 * n_params * tokens_per_second / 1e12
+    peak = next((v for k, v in PEAK_TFLOPS.items() if device and k in device), None)
+    return {"model_tflops_per_second": tflops, "mfu": tflops / peak if peak else None}
+
+
 def build_model_dir(out: Path, tokenizer: str, tiny: bool = False) -> Path:
     """A DeBERTa-v3-base-shaped classifier (random init) and ``tokenizer`` saved in ``out``;
     ``tiny``: 2 layers of width 64, the same architecture (dry runs on a CPU)."""
@@ -102,13 +110,11 @@ def main() -> None:
         n_params = sum(p.numel() for n, p in result.model.named_parameters()
                        if "embeddings" not in n)
     tokens = float(enc.lengths.sum()) * args.epochs
-    achieved = 6 * n_params * tokens / result.train_seconds / 1e12
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     report = {
         "device": name, "train_samples_per_second": result.train_samples / result.train_seconds,
         "infer_pairs_per_second": len(idx) / infer_seconds,
         "padding_fraction": result.padding_fraction, "train_seconds": result.train_seconds,
-        "model_tflops_per_second": achieved, "mfu": achieved / peak if peak else None,
+        **model_flops(n_params, tokens / result.train_seconds, name),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "non_embedding_parameters": n_params, "compile": args.compile,
         "amp_dtype": str(device.amp_dtype), "torch": torch.__version__,

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from gpu_check import PEAK_TFLOPS, build_model_dir  # bench/ is on sys.path as a script
+from gpu_check import build_model_dir, model_flops  # bench/ is on sys.path as a script
 
 from pipeline.engine import (
     collate,
@@ -106,18 +106,15 @@ def run_grid(jobs: int, model_dir: str, pairs_file: str, batches: list[int],
         p.join()
     n_params = got[0][1]
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     cells = {}
     for b in batches:
         window = max(r[2][b]["seconds"] for r in got)
         samples = sum(r[2][b]["samples"] for r in got)
         tokens = sum(r[2][b]["tokens"] for r in got)
-        tflops = 6 * n_params * tokens / window / 1e12
         cells[str(b)] = {"samples_per_second": samples / window,
                          "per_process_samples_per_second": samples / window / jobs,
                          "tokens_per_sample": tokens / max(samples, 1),
-                         "model_tflops_per_second": tflops,
-                         "mfu": tflops / peak if peak else None,
+                         **model_flops(n_params, tokens / window, name),
                          "peak_memory_gb_per_process": max(r[2][b]["peak_memory_gb"]
                                                            for r in got)}
     return {"non_embedding_parameters": n_params, "batches": cells}

@@ -74,7 +74,7 @@ def measure(params, model_dir: Path) -> dict:
     import numpy as np
     import optuna
     import torch
-    from gpu_check import PEAK_TFLOPS  # bench/, the script's own folder
+    from gpu_check import model_flops  # bench/, the script's own folder
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.engine import encode_pairs
@@ -109,8 +109,6 @@ def measure(params, model_dir: Path) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
-    tflops = 6 * n_params * samples / span * tokens_per_sample / 1e12
     return {
         "study_name": name, "trials_finished": len(trials),
         "n_complete": sum(t.state.name == "COMPLETE" for t in trials),
@@ -118,7 +116,7 @@ def measure(params, model_dir: Path) -> dict:
         "n_jobs": n_jobs, "gpu_probe": probe, "trials_span_seconds": span,
         "idle_fraction": 1 - busy / (n_jobs * span), "samples_per_second": samples / span,
         "tokens_per_sample": tokens_per_sample, "non_embedding_parameters": n_params,
-        "model_tflops_per_second": tflops, "mfu": tflops / peak if peak else None,
+        **model_flops(n_params, samples / span * tokens_per_sample, gpu),
         "per_process_samples_per_second": {b: s / sec for b, (s, sec) in
                                            sorted(per_batch.items())},
         "train_samples_by_batch": {b: s for b, (s, _) in sorted(per_batch.items())},
