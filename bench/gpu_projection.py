@@ -80,28 +80,39 @@ def corpus(test_size: float, n_folds: int, negatives: int) -> dict:
 
 
 class Views:
-    """What trial k may see under each schedule, told each trial's virtual duration in turn."""
+    """What trial k may see under each schedule: one at a time and the schedule ask the stage's
+    own Ledger (pipeline/study.py: the virtual clock on 1 or n workers) over the trials drawn
+    so far; waves see the earlier waves. Told each trial's outcome and virtual duration in
+    turn."""
 
     def __init__(self, kind: str, n: int) -> None:
         self.kind, self.n = kind, n
-        self.free = [0.0] * n  # the virtual clock's workers (kind "schedule")
-        self.starts: list[float] = []
-        self.ends: list[float] = []
+        self.attempts: dict[int, list[optuna.trial.FrozenTrial]] = {}
+        self.starts: list[float] = []  # each trial's virtual start (kind "schedule")
 
-    def visible(self, k: int) -> list[int]:
-        if self.kind == "one_at_a_time":
-            return list(range(k))
+    def visible(self, k: int) -> list[optuna.trial.FrozenTrial]:
+        """The COMPLETE trials trial k's pruner compares against."""
+        from pipeline.study import Ledger
+
         if self.kind == "waves":  # the earlier waves
-            return list(range(k - k % self.n))
-        start = min(self.free)  # the schedule: what ended on the virtual clock by k's start
-        self.starts.append(start)
-        return [j for j in range(k) if self.ends[j] <= start]
+            seen = [self.attempts[j][0] for j in range(k - k % self.n)]
+        else:
+            ledger = Ledger(self.attempts, max_retries=0,
+                            parallelism=self.n if self.kind == "schedule" else 1)
+            seen = ledger.view(k)
+            self.starts.append(ledger.starts[k])
+        return [t for t in seen if t.state == optuna.trial.TrialState.COMPLETE]
 
-    def ended(self, k: int, cost: float) -> None:
-        if self.kind == "schedule":
-            w = int(np.argmin(self.free))
-            self.free[w] = self.starts[k] + cost
-            self.ends.append(self.free[w])
+    def ended(self, k: int, value: float | None, reports: dict[int, float],
+              cost: float) -> None:
+        """Trial k ended: COMPLETE with ``value``, or PRUNED (None), after ``cost`` units."""
+        from pipeline.study import COST, INDEX
+
+        state = optuna.trial.TrialState.PRUNED if value is None else \
+            optuna.trial.TrialState.COMPLETE
+        self.attempts[k] = [optuna.trial.create_trial(
+            state=state, value=value, intermediate_values=reports,
+            user_attrs={INDEX: k, COST: cost})]
 
 
 def draw_trials(curves: np.ndarray, n_trials: int, n_folds: int, batches: list[int],
@@ -113,16 +124,12 @@ def draw_trials(curves: np.ndarray, n_trials: int, n_folds: int, batches: list[i
     order = rng.permutation(n_table)
     draws = [(int(rng.choice(batches)), int(rng.integers(epochs[0], epochs[1] + 1)),
               order[k % n_table]) for k in range(n_trials)]
-    reports: list[dict[int, float] | None] = []  # intermediate values of COMPLETE trials
-    values: list[float | None] = []
     out = []
     for k, (batch, n_epochs, recorded) in enumerate(draws):
         study = optuna.create_study(direction="maximize", pruner=optuna.pruners.PercentilePruner(
             pruner["percentile"], n_startup_trials=pruner["n_startup_trials"],
             n_warmup_steps=0, interval_steps=1))
-        study.add_trials([optuna.trial.create_trial(value=values[j],
-                                                    intermediate_values=reports[j])
-                          for j in views.visible(k) if reports[j] is not None])
+        study.add_trials(views.visible(k))
         trial = study.ask()
         scores, run, pruned, iv = [], [], False, {}
         for fold in range(n_folds):
@@ -146,10 +153,8 @@ def draw_trials(curves: np.ndarray, n_trials: int, n_folds: int, batches: list[i
             if pruned:
                 break
         t = Trial(batch, n_epochs, run, pruned, sum(run) * units_per_epoch(batch))
-        views.ended(k, t.cost)
+        views.ended(k, None if pruned else float(np.mean(scores)), iv, t.cost)
         out.append(t)
-        reports.append(None if pruned else iv)
-        values.append(None if pruned else float(np.mean(scores)))
     return out
 
 
