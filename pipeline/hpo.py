@@ -476,7 +476,7 @@ def run(params: Params, worker: bool = False, wait_seconds: float = 600.0) -> di
     try:
         scheduler.close_dead_trials()
         if not scheduler.ledger().done(hpo.n_trials):
-            # running already in a stage's process (started before its imports, above)
+            # in a stage's process the server runs already: started before this module's imports
             context = placement.fork_server(params.model.name) if hpo.isolate_trials else None
             cv = _cross_validation(params, pairs_bytes, runs, parent)
             scheduler.run(cv, plan(params, study, cv, runs, parent), context)

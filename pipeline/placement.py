@@ -23,6 +23,9 @@ run at once):
 Settings that cannot fit are refused with one line before the first trial: more CPU processes
 than cores, or more memory than there is (host: the peaks this study's trials recorded, else an
 estimate from the checkpoint; GPU: the probe's footprint or the recorded peaks).
+
+Trial processes fork from a server process that has imported their code (:func:`fork_server`);
+``python -m pipeline.hpo`` starts it before its own imports (:func:`start_fork_server_early`).
 """
 
 from __future__ import annotations
