@@ -326,3 +326,38 @@ def test_probe_processes_measure_together(params):
     with pytest.raises(ChildProcessError):
         hpo.probe_together(context, cv, hpo.probe_point(params), failing, seconds=0.5)
     assert time.monotonic() - start < hpo.PROBE_BARRIER_SECONDS / 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isolate", [True, False])
+def test_the_early_fork_server_runs_for_isolated_trials_and_dies_with_its_stage(workdir,
+                                                                                isolate):
+    # what `python -m pipeline.hpo` runs before its own imports: with isolated trials the fork
+    # server is up at once (its imports then run beside the stage's), and gone when it exits
+    raw = load_yaml(workdir / "params.yaml")
+    raw["hpo"]["isolate_trials"] = isolate
+    dump_yaml(workdir / "params.yaml", raw)
+    code = ("import multiprocessing.forkserver as fs, os, pathlib\n"
+            "from pipeline.placement import start_fork_server_early\n"
+            "start_fork_server_early()\n"
+            "pid = fs._forkserver._forkserver_pid\n"
+            "alive = pid and os.waitpid(pid, os.WNOHANG) == (0, 0)\n"
+            "pathlib.Path('pid').write_text(str(pid if alive else 0))\n")
+    # no pipes: a server left behind would hold them open, and the run would wait for it
+    with open(workdir / "stderr", "w") as err:
+        subprocess.run([sys.executable, "-c", code], cwd=workdir, stdout=subprocess.DEVNULL,
+                       stderr=err, timeout=120, check=True)
+    pid = int((workdir / "pid").read_text())
+    assert bool(pid) == isolate  # a live server only where trials run in processes
+    if pid:  # killed at the exit, not left importing for seconds: dead (or a zombie) at once
+
+        def alive() -> bool:
+            try:  # the state field follows the command name in parentheses
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 1
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(), "the fork server outlived its stage"
