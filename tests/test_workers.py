@@ -32,10 +32,15 @@ def _popen(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Pop
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def _store(repo: Path) -> str:
+    """The workspace's study store, as its params.yaml names it. Read it before a `dvc exp run`
+    starts: the experiment rewrites params.yaml in the workspace while it runs."""
+    return f"sqlite:///{repo / load_yaml(repo / 'params.yaml')['paths']['study_store']}"
+
+
 def _study(repo: Path, storage: str | None = None) -> optuna.Study:
     """The study as it runs: in the workspace's store (or ``storage``)."""
-    params = load_yaml(repo / "params.yaml")
-    url = storage or f"sqlite:///{repo / params['paths']['study_store']}"
+    url = storage or _store(repo)
     names = optuna.get_all_study_names(url)
     assert len(names) == 1, names
     return optuna.load_study(study_name=names[0], storage=url)
@@ -110,15 +115,16 @@ def test_kill_9_then_dvc_repro_resumes_without_rerunning_finished_trials(repo_co
 def test_kill_9_then_the_same_dvc_exp_run_keeps_every_finished_trial(repo_copy):
     repo = repo_copy
     command = ["dvc", "exp", "run", "-S", "hpo.n_trials=4", "hpo"]  # up to hpo
+    store = _store(repo)
     proc = _popen(command, repo, env={"PIPELINE_FAULT": "hang@trial=2"})
 
     def two_finished_and_the_third_running():
-        ledger = {t.user_attrs.get(INDEX): t.state.name for t in _study(repo).trials}
+        ledger = {t.user_attrs.get(INDEX): t.state.name for t in _study(repo, store).trials}
         return ledger.get(2) == "RUNNING" and ledger.get(0) in ("COMPLETE", "PRUNED") and \
             ledger.get(1) in ("COMPLETE", "PRUNED")
 
     _wait_for(two_finished_and_the_third_running, 300, "two finished trials, the third running")
-    before = {k: [(t.number, t.datetime_complete) for t in _attempts(_study(repo), k)]
+    before = {k: [(t.number, t.datetime_complete) for t in _attempts(_study(repo, store), k)]
               for k in (0, 1)}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
