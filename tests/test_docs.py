@@ -70,6 +70,16 @@ def test_a_changed_results_file_makes_its_pages_stale(tmp_path):
     assert docs.stale(root) == []
 
 
+def test_a_new_measurement_of_a_machine_replaces_its_row():
+    src = docs.Sources()
+    runs = src.json("bench/results/repro_times.json")["runs"]
+    newer = {**runs[0], "seconds": 4321}
+    shown = docs.latest_per_machine([*runs, newer])
+    assert [docs.machine_label(r["machine"]) for r in shown] == \
+        [docs.machine_label(r["machine"]) for r in runs]  # one row per machine, same order
+    assert shown[0] is newer and shown[1:] == runs[1:]
+
+
 def test_prose_outside_the_marks_is_left_alone():
     src = docs.Sources()
     page = ("intro 1,234 s\n<!-- generated: repro_times -->\nold\n<!-- end generated -->\n"

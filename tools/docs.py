@@ -185,12 +185,40 @@ def modules(src: Sources) -> str:
         "\n\nSource: the first sentence of each module's docstring."
 
 
+def test_times(src: Sources) -> str:
+    """What ``make test`` and ``make test-fast`` cost on each machine kind measured."""
+    d = src.json("bench/results/test_times.json")
+    if d is None:
+        return "*No `bench/results/test_times.json` yet.*"
+    target, runs = d["targets_seconds"], latest_per_machine(d["runs"])
+
+    def cell(part: dict, limit: float) -> str:
+        over = "" if part["seconds"] <= limit else f" (over {limit:,.0f} s)"
+        others = ", ".join(secs(x) for x in part.get("other_runs_seconds", []))
+        return (f"{secs(part['seconds'])}{over}, {part['passed']} passed"
+                + (f" (other runs: {others})" if others else ""))
+
+    rows = [[machine_label(r["machine"]), cell(r["test"], target["test"]),
+             cell(r["test_fast"], target["test_fast"]), f"`{r['commit']}`"] for r in runs]
+    notes = [f"{machine_label(r['machine'])}: {r['source']}"
+             + (f"; {r['machine']['note']}" if r["machine"].get("note") else "")
+             for r in runs]
+    return (table(["machine", "`make test`", "`make test-fast`", "commit"], rows, "lrrl")
+            + "\n\npytest's own seconds, fresh clone, nothing else running. " + ". ".join(notes)
+            + ". Source: `bench/results/test_times.json`.")
+
+
 # ---- results of the pipeline ---------------------------------------------------------------
+
+def latest_per_machine(runs: list[dict]) -> list[dict]:
+    """The last entry of each machine (label), in the order the machines first appear: the
+    results files keep every measurement, the tables show the newest."""
+    return list({machine_label(r["machine"]): r for r in runs}.values())
+
 
 def repro_times(src: Sources) -> str:
     """What ``make repro`` costs on each machine kind measured."""
-    data = src.json("bench/results/repro_times.json")
-    runs = data["runs"]
+    runs = latest_per_machine(src.json("bench/results/repro_times.json")["runs"])
     rows = [[machine_label(r["machine"]), r.get("precision", DASH), secs(r["seconds"]),
              secs(r.get("stages", {}).get("hpo")), secs(r.get("stages", {}).get("retrain"))]
             for r in runs]
@@ -207,7 +235,8 @@ def repro_times(src: Sources) -> str:
 def repro_metrics(src: Sources) -> str:
     """What ``make repro`` gives on each machine kind: the same code, another precision or
     kernel, other numbers; with the committed run's 95% intervals where recorded."""
-    runs = [r for r in src.json("bench/results/repro_times.json")["runs"] if r.get("metrics")]
+    runs = [r for r in latest_per_machine(src.json("bench/results/repro_times.json")["runs"])
+            if r.get("metrics")]
     committed = next((r for r in runs if r.get("committed")), None)
     intervals = (committed or {}).get("intervals", {})
     keys = [("pr_auc", "test PR-AUC"), ("pos_f1", "test pos_f1 at 0.5"),
@@ -725,8 +754,8 @@ def gpu_projection_hours(src: Sources) -> str:
 
 TABLES: dict[str, Callable[[Sources], str]] = {
     f.__name__: f for f in (
-        stages, stage_io, modules, repro_times, repro_metrics, metrics, per_criterion, study,
-        seed7,
+        stages, stage_io, modules, repro_times, repro_metrics, test_times, metrics,
+        per_criterion, study, seed7,
         recipe_curves, results_files, throughput, throughput_profile, curves_table,
         pruning_replay, pruning_variants, hpo_efficiency, study_speed, parallelism_cost,
         trial_isolation,
