@@ -73,11 +73,15 @@ def test_a_changed_results_file_makes_its_pages_stale(tmp_path):
 def test_a_new_measurement_of_a_machine_replaces_its_row():
     src = docs.Sources()
     runs = src.json("bench/results/repro_times.json")["runs"]
+    labels = [docs.machine_label(r["machine"]) for r in runs]
+    assert len(set(labels)) > 1 and labels[0] not in labels[1:]
     newer = {**runs[0], "seconds": 4321}
     shown = docs.latest_per_machine([*runs, newer])
-    assert [docs.machine_label(r["machine"]) for r in shown] == \
-        [docs.machine_label(r["machine"]) for r in runs]  # one row per machine, same order
-    assert shown[0] is newer and shown[1:] == runs[1:]
+    # one row per machine, in the order they first appear; the newest entry of each
+    assert [docs.machine_label(r["machine"]) for r in shown] == list(dict.fromkeys(labels))
+    assert shown[0] is newer and newer not in docs.latest_per_machine(runs)
+    last = {label: i for i, label in enumerate(labels)}
+    assert docs.latest_per_machine(runs) == [runs[last[label]] for label in dict.fromkeys(labels)]
 
 
 def test_prose_outside_the_marks_is_left_alone():
