@@ -125,11 +125,8 @@ class StudyStorage:
                 if (t.user_attrs.get("worker_host") != host or not isinstance(pid, int)
                         or pid == os.getpid() or _alive(pid)):
                     continue
-                # Optuna's storage API is the only way to fail another process's trial.
                 try:
-                    self.optuna.set_trial_user_attr(
-                        t._trial_id, "fail_reason", f"worker {host}:{pid} died during the trial")
-                    self.optuna.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+                    self._fail(t, f"worker {host}:{pid} died during the trial")
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # another process got there first
         optuna.storages.fail_stale_trials(study)  # heartbeat; its trials get no fail_reason
@@ -153,10 +150,14 @@ class StudyStorage:
         # death against hpo.max_retries, and its MLflow run, in the store it ran with, stays open
         copied = optuna.load_study(study_name=name, storage=self.optuna)
         for t in copied.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self.optuna.set_trial_user_attr(t._trial_id, "fail_reason",
-                                            "running when the snapshot was taken")
-            self.optuna.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            self._fail(t, "running when the snapshot was taken")
         return True
+
+    def _fail(self, trial: FrozenTrial, reason: str) -> None:
+        """Fail a trial this process does not run, with its reason: Optuna's storage API is the
+        only way."""
+        self.optuna.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        self.optuna.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
 
     def snapshot(self, study: optuna.Study, path: str | Path) -> None:
         """Copy the study into a fresh SQLite file (the DVC output); nothing to do when the

@@ -92,3 +92,20 @@ def test_storage_from_the_environment_and_no_password_in_params(params, monkeypa
     monkeypatch.setenv(ENV, f"sqlite:///{workdir / 'elsewhere.db'}")
     assert StudyStorage(params).url.endswith("elsewhere.db")
     assert redact("postgresql://hpo:s3cret@db/hpo") == "postgresql://hpo:***@db/hpo"
+
+
+def test_a_snapshot_seeds_a_fresh_store_and_its_running_trials_fail(monkeypatch, workdir):
+    # a snapshot (paths.study_db) taken while another machine's worker still ran a trial
+    snapshot = workdir / "snapshot.db"
+    taken = optuna.create_study(study_name="s", storage=f"sqlite:///{snapshot}")
+    taken.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    taken.ask()  # RUNNING in the snapshot, its worker out of reach
+    monkeypatch.setenv(ENV, f"journal:{workdir / 'fresh.journal'}")
+    store = StudyStorage(load_params())
+    assert not store.seed("other", snapshot)  # a study the snapshot does not hold
+    assert store.seed("s", snapshot)
+    seeded = optuna.load_study(study_name="s", storage=store.optuna).trials
+    assert [t.state.name for t in seeded] == ["COMPLETE", "FAIL"]
+    assert seeded[1].user_attrs["fail_reason"] == "running when the snapshot was taken"
+    assert not store.seed("s", snapshot)  # the store has it now: left alone
+    assert len(optuna.load_study(study_name="s", storage=store.optuna).trials) == 2
