@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import multiprocessing as mp
 import multiprocessing.forkserver
 import os
@@ -78,9 +79,11 @@ class Slot:
         return "cpus " + ",".join(map(str, self.cpus)) if self.cpus is not None else "all cpus"
 
 
+@functools.cache  # once per process and model: the stage asks early and again at its trials
 def fork_server(model_name: str) -> mp.context.BaseContext | None:
     """The context whose processes fork from a server process (Linux), the server started now
-    if it is not running; None where there is none.
+    if it is not running (a process it starts later restarts it if it died); None where there
+    is none.
 
     The server imports pipeline.trial and the model's modeling code once, so that a trial's
     process starts with them loaded (transformers imports model code lazily, ~1 s a process).
