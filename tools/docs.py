@@ -185,6 +185,21 @@ def modules(src: Sources) -> str:
         "\n\nSource: the first sentence of each module's docstring."
 
 
+# ---- results of the pipeline ---------------------------------------------------------------
+
+def latest_per_machine(runs: list[dict]) -> list[dict]:
+    """The last entry of each machine (label), in the order the machines first appear: the
+    results files keep every measurement, the tables show the newest."""
+    return list({machine_label(r["machine"]): r for r in runs}.values())
+
+
+def run_notes(runs: list[dict]) -> str:
+    """Each run's machine, where its figure comes from and the machine's note."""
+    return ". ".join(f"{machine_label(r['machine'])}: {r.get('source', 'source not recorded')}"
+                     + (f"; {r['machine']['note']}" if r["machine"].get("note") else "")
+                     for r in runs)
+
+
 def test_times(src: Sources) -> str:
     """What ``make test`` and ``make test-fast`` cost on each machine kind measured."""
     d = src.json("bench/results/test_times.json")
@@ -200,20 +215,9 @@ def test_times(src: Sources) -> str:
 
     rows = [[machine_label(r["machine"]), cell(r["test"], target["test"]),
              cell(r["test_fast"], target["test_fast"]), f"`{r['commit']}`"] for r in runs]
-    notes = [f"{machine_label(r['machine'])}: {r['source']}"
-             + (f"; {r['machine']['note']}" if r["machine"].get("note") else "")
-             for r in runs]
     return (table(["machine", "`make test`", "`make test-fast`", "commit"], rows, "lrrl")
-            + "\n\npytest's own seconds, fresh clone, nothing else running. " + ". ".join(notes)
+            + "\n\npytest's own seconds, fresh clone, nothing else running. " + run_notes(runs)
             + ". Source: `bench/results/test_times.json`.")
-
-
-# ---- results of the pipeline ---------------------------------------------------------------
-
-def latest_per_machine(runs: list[dict]) -> list[dict]:
-    """The last entry of each machine (label), in the order the machines first appear: the
-    results files keep every measurement, the tables show the newest."""
-    return list({machine_label(r["machine"]): r for r in runs}.values())
 
 
 def repro_times(src: Sources) -> str:
@@ -223,12 +227,10 @@ def repro_times(src: Sources) -> str:
              secs(r.get("stages", {}).get("hpo")), secs(r.get("stages", {}).get("retrain"))]
             for r in runs]
     commands = sorted({f"`{r['command']}`" for r in runs})
-    notes = [f"{machine_label(r['machine'])}: {r.get('source', 'source not recorded')}"
-             + (f"; {r['machine']['note']}" if r["machine"].get("note") else "") for r in runs]
     return (table(["machine", "precision", "`make repro`", "hpo stage", "retrain stage"], rows,
                   "llrrr")
             + f"\n\nEach on a fresh clone: {', '.join(commands)} (install, sample data, "
-              "`dvc repro`). " + ". ".join(notes)
+              "`dvc repro`). " + run_notes(runs)
             + ". Source: `bench/results/repro_times.json`.")
 
 
