@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-# ParamsError and PARAMS_FILE: raised and named here, and imported from here by stages
+# ParamsError and PARAMS_FILE: stages import them from here
 from pipeline.errors import ParamsError
 from pipeline.validation import CONFIG, PARAMS_FILE, check, naming, section
 
